@@ -1,0 +1,10 @@
+"""CLI verbs: demo (placeholder until its issue lands)."""
+
+from __future__ import annotations
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    """Add this module's verbs to the top-level app."""
+    _ = app
