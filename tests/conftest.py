@@ -15,10 +15,16 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+# Two shared cores: wall-clock deadlines would make property tests flaky, not stricter.
+settings.register_profile("carepay", deadline=None, print_blob=True,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("carepay")
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 MQTT_HOST, MQTT_PORT = "127.0.0.1", 1883
