@@ -1,6 +1,7 @@
 """SM2 (GB/T 32918) signatures and encryption through ``gmssl-pyx`` (C, bundles GmSSL).
 
-Wire forms chosen here: signatures are raw ``r‖s`` (64 bytes); public keys are
+Verification runs on the system OpenSSL 3 when it is there (``keys.sm2_openssl``, about twice
+GmSSL's rate), else on GmSSL. Wire forms chosen here: signatures are raw ``r‖s`` (64 bytes); public keys are
 bare ``X‖Y`` (64 bytes; a leading ``04`` is accepted on input); ciphertexts are
 ``04‖C1x‖C1y‖C3‖C2`` (C1‖C3‖C2, the current standard order).
 """
@@ -12,6 +13,7 @@ from dataclasses import dataclass, field
 import gmssl_pyx
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature, encode_dss_signature
 
+from keys import sm2_openssl
 from keys.sm3 import sm3
 from keys.suite import CryptoError
 
@@ -99,7 +101,12 @@ def verify(public_key: bytes, message: bytes, signature: bytes, user_id: bytes =
         return False
     try:
         pub = normalize_public_key(public_key)
-        return bool(gmssl_pyx.sm2_verify_sm3_digest(pub, digest(pub, message, user_id), encode_dss_signature(r, s)))
+        e = digest(pub, message, user_id)
+        der = encode_dss_signature(r, s)
+        fast = sm2_openssl.verify_digest(pub, e, der)  # OpenSSL 3 when present: about 2x GmSSL's rate
+        if fast is not None:
+            return fast
+        return bool(gmssl_pyx.sm2_verify_sm3_digest(pub, e, der))
     except (CryptoError, gmssl_pyx.GmsslInnerError):
         return False
 
