@@ -8,7 +8,7 @@ the number of bytes expected (Ne); ``le=0`` is accepted as "the short maximum" a
 >>> Command(0x00, 0xA4, 0x04, 0x00, bytes.fromhex("D156000001"), le=256).to_bytes().hex().upper()
 '00A4040005D15600000100'
 >>> Command.parse(bytes.fromhex("805C000204"))
-Command(cla=0x80, ins=0x5C, p1=0x00, p2=0x02, data='', le=4)
+Command(cla=0x80, ins=0x5C, p1=0x00, p2=0x02, data=<0 bytes>, le=4)
 >>> Response.parse(bytes.fromhex("000010009000")).ok
 True
 """
@@ -55,7 +55,10 @@ class ApduError(ValueError):
 
 @dataclass(frozen=True)
 class Command:
-    """A command APDU (命令APDU). ``le`` is None when no response data is expected."""
+    """A command APDU (命令APDU). ``le`` is None when no response data is expected.
+
+    The repr shows the data length only: APDU data can carry keys being loaded or cardholder data.
+    """
 
     cla: int
     ins: int
@@ -163,7 +166,7 @@ class Command:
     def __repr__(self) -> str:
         return (
             f"Command(cla=0x{self.cla:02X}, ins=0x{self.ins:02X}, p1=0x{self.p1:02X}, p2=0x{self.p2:02X}, "
-            f"data='{self.data.hex().upper()}', le={self.le})"
+            f"data=<{len(self.data)} bytes>, le={self.le})"
         )
 
 
@@ -222,6 +225,9 @@ class Response:
             raise ApduError(f"response of {len(raw)} bytes exceeds MAX_RESPONSE_BYTES={MAX_RESPONSE_BYTES}")
         return cls(bytes(raw[:-SW_BYTES]), STATUS_WORD.parse(raw[-SW_BYTES:]))
 
+    def __repr__(self) -> str:
+        return f"Response(data=<{len(self.data)} bytes>, sw=0x{self.sw:04X})"
+
     @classmethod
     def status(cls, sw: int) -> Response:
         """A response with no data, only a status word."""
@@ -264,7 +270,9 @@ def transceive_t0(
             else:
                 data = bytes(collected) + resp.data
                 if len(data) > MAX_RESPONSE_DATA_BYTES:
-                    raise ApduError(f"chained response of {len(data)} bytes exceeds {MAX_RESPONSE_DATA_BYTES}")
+                    raise ApduError(
+                        f"chained response of {len(data)} bytes exceeds {MAX_RESPONSE_DATA_BYTES}"
+                    )
                 return Response(data, resp.sw)
         if len(collected) > MAX_RESPONSE_DATA_BYTES:
             raise ApduError(f"chained response exceeds {MAX_RESPONSE_DATA_BYTES} bytes")
