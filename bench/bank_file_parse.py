@@ -1,7 +1,7 @@
 """Benchmark: read a bank clearing file of N detail lines (columnar and record paths).
 
-.venv/bin/python tests/protocol/bench_bank_file.py --rows 1000000
-.venv/bin/python tests/protocol/bench_bank_file.py --quick        # 100k rows, a second or two
+.venv/bin/python bench/bank_file_parse.py --rows 1000000
+.venv/bin/python bench/bank_file_parse.py --quick        # 100k rows, a second or two
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from protocol.files.bank_file import parse_bank_file, read_bank_file_polars
 
