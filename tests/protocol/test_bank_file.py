@@ -11,7 +11,7 @@ import polars as pl
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from strategies_files import bank_details
+from tests.protocol.strategies_files import bank_details
 
 from protocol.files.bank_file import (
     DEFAULT_LAYOUT,

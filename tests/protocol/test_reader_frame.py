@@ -26,6 +26,7 @@ def test_known_bytes() -> None:
     assert rf.Frame.parse(raw) == f
 
 
+@settings(deadline=None)
 @given(frames)
 def test_round_trip_and_fast_encoder_agree(frame: rf.Frame) -> None:
     raw = frame.to_bytes()
@@ -34,6 +35,7 @@ def test_round_trip_and_fast_encoder_agree(frame: rf.Frame) -> None:
     assert rf.FrameDecoder().feed(raw) == [frame]
 
 
+@settings(deadline=None)
 @given(st.lists(frames, min_size=1, max_size=4), st.data())
 def test_split_at_every_offset(fs: list[rf.Frame], data: st.DataObject) -> None:
     stream = b"".join(f.to_bytes() for f in fs)
@@ -55,7 +57,7 @@ def test_split_byte_by_byte() -> None:
     assert out == [f]
 
 
-@settings(max_examples=300)
+@settings(deadline=None, max_examples=300)
 @given(st.binary(max_size=2000))
 def test_random_bytes_never_crash_and_only_yield_real_frames(junk: bytes) -> None:
     dec = rf.FrameDecoder()
@@ -67,6 +69,7 @@ def test_random_bytes_never_crash_and_only_yield_real_frames(junk: bytes) -> Non
     assert dec.pending_bytes <= rf.MAX_FRAME_BYTES
 
 
+@settings(deadline=None)
 @given(st.binary(max_size=300), frames, st.binary(max_size=300))
 def test_resync_after_garbage(before: bytes, frame: rf.Frame, after: bytes) -> None:
     dec = rf.FrameDecoder()

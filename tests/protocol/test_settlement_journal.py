@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from strategies_files import journal_rows, settlement_rows
+from tests.protocol.strategies_files import journal_rows, settlement_rows
 
 from protocol.files.journal import (
     JournalFileError,

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from strategies_files import recharge_lines
+from tests.protocol.strategies_files import recharge_lines
 
 from protocol.files.recharge import (
     LAYOUT,
