@@ -1,0 +1,799 @@
+"""The group-commit ledger writer (批量提交记账): many host transactions per database transaction.
+
+Requests (:class:`TxnRequest`, prepared by the authorisation pipeline) queue up; one
+writer task takes up to :data:`GROUP_COMMIT_MAX_BATCH` of them, waiting at most
+:data:`GROUP_COMMIT_WINDOW_MS` after the first, and in ONE write transaction:
+
+1. loads what the batch needs set-based — existing journal rows for its keys
+   (duplicates), originals of voids/refunds/reversals, reversal tombstones, used card
+   counters, and the accounts (``FOR UPDATE`` in id order on PostgreSQL, so several
+   worker processes never double-spend; SQLite has one writer via ``BEGIN IMMEDIATE``);
+2. resolves each posting's business date against the settlement windows;
+3. applies the requests in arrival order in memory — de-duplication, tombstones,
+   card-counter replay, void/refund/reversal rules, and the balance check (a
+   beneficiary account never goes below zero: the request is declined ``51``);
+4. asserts the batch invariants (Σ debits = Σ credits; no beneficiary negative);
+5. writes with one ``executemany`` per table — transfers, host journal rows, card
+   counters — and one aggregated balance ``UPDATE`` per touched account.
+
+On SQLite the whole batch (BEGIN IMMEDIATE … COMMIT) runs on the raw ``sqlite3``
+connection inside the aiosqlite thread — one thread hop per batch; on PostgreSQL it
+runs through SQLAlchemy with asyncpg, loads as ``= ANY($1)`` and writes as one
+``INSERT … SELECT FROM unnest(…)`` per table.
+
+Every request ends with exactly one host journal row (``host_txns``), approved or
+declined, except a duplicate (the stored answer is replayed) and an idempotency
+conflict (same key, different body: :class:`IdempotencyConflict`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import operator
+import secrets
+import sqlite3
+import time as _time
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import bindparam, or_, select, update
+from sqlalchemy.engine import Connection
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from clearing.accounts import ensure_accounts_sync, spec_for
+from clearing.db import (
+    BulkWrite,
+    _sqlite_allocate,
+    _sqlite_run,
+    allocate_ids_sync,
+    allocate_many_sync,
+    apply_balance_deltas_sync,
+    executemany_sync,
+    render_in,
+    select_multi_in_sync,
+    sqlite_datetime,
+    write_transaction,
+)
+from clearing.pipeline import metrics
+from clearing.schema import FLAG_NO_OVERDRAFT, accounts, card_counters, host_txns, transfers
+from clearing.windows import MAX_CLOSED_DAYS_SKIPPED, Cutoff, resolve_business_dates_sync
+
+log = logging.getLogger("carepay.clearing.ledger")
+
+GROUP_COMMIT_WINDOW_MS = 5
+"""How long the writer waits for more requests after the first of a batch (milliseconds)."""
+GROUP_COMMIT_MAX_BATCH = 1_000
+"""Most requests in one database transaction."""
+BATCH_RETRIES = 5
+"""Attempts for a batch that hit a unique-key race or deadlock with another worker (PostgreSQL)."""
+SQL_IN_CHUNK = 500
+RAW_SQLITE_BATCH = True
+"""On SQLite, run each whole batch on the raw connection inside the aiosqlite thread (one thread hop)."""
+"""Keys per ``IN (…)`` list when loading."""
+
+PURCHASE, ADVICE, VOID, REFUND, REVERSAL = "PURCHASE", "ADVICE", "VOID", "REFUND", "REVERSAL"
+SUCCESS, FAILED, REVERSED = "SUCCESS", "FAILED", "REVERSED"
+DEBIT_TYPES = (PURCHASE, ADVICE)
+CORRECTION_TYPES = (VOID, REFUND, REVERSAL)
+
+HOST_COLUMNS = (
+    "rrn", "txn_key", "msg_key", "request_hash", "business_date", "provider_id", "terminal_id", "batch_no",
+    "trace_no", "txn_type", "program", "card_no", "amount_fen", "fee_fen", "txn_time", "status", "orig_rrn",
+    "orig_key", "response_code", "msg_id", "auth_code", "service_category", "balance_after_fen", "transfer_id",
+    "message", "review_reason", "created_at",
+)
+TRANSFER_COLUMNS = (
+    "id", "transfer_key", "debit_account_id", "credit_account_id", "amount_fen", "code", "business_date",
+    "created_at", "terminal_id", "batch_no", "trace_no", "rrn", "corrects_transfer_id", "memo",
+)
+COUNTER_COLUMNS = ("counter_key", "card_no", "atc", "gap", "rrn", "created_at")
+
+
+class LedgerError(Exception):
+    """The writer could not post a batch (database failure after retries)."""
+
+
+class IdempotencyConflict(Exception):
+    """The same idempotency key arrived with a different request body (TigerBeetle ``exists_with_different_…``)."""
+
+    def __init__(self, key: str, stored: dict[str, Any] | None = None):
+        super().__init__(f"idempotency key {key!r} already used with a different request")
+        self.key = key
+        self.stored = stored
+
+
+class InvariantViolation(AssertionError):
+    """A batch broke a ledger invariant; nothing of it is committed."""
+
+
+@dataclass
+class TxnRequest:
+    """One host transaction for the writer, as the pipeline prepared it.
+
+    ``row`` holds the journal fields known before posting: provider_id, terminal_id,
+    batch_no, trace_no, program, card_no, amount_fen, txn_time, msg_id,
+    service_category, orig_rrn. ``decline`` is ``(rc, message)`` when a pipeline
+    participant already declined (the journal row is still written, no money moves).
+    """
+
+    txn_type: str
+    txn_key: str
+    msg_key: str
+    request_hash: str
+    received_at: datetime
+    row: dict[str, Any]
+    decline: tuple[str, str] | None = None
+    review_reason: str | None = None
+    debit: str | None = None  # PURCHASE/ADVICE: card account code
+    credit: str | None = None  # PURCHASE/ADVICE: provider payable code
+    counter: tuple[str, int] | None = None  # (card_no, atc) the card's TAC used
+    orig_key: str | None = None  # REVERSAL: txn_key of the purchase it undoes
+    future: asyncio.Future[TxnOutcome] | None = field(default=None, repr=False)
+
+
+@dataclass
+class TxnOutcome:
+    """The journal row written (or found) for a request, and whether it was a replay."""
+
+    row: dict[str, Any]
+    duplicate: bool = False
+
+    @property
+    def approved(self) -> bool:
+        return self.row["response_code"] == "00"
+
+
+@dataclass
+class _Acct:
+    id: int
+    code: str
+    flags: int
+    debits: int
+    credits: int
+
+    @property
+    def balance(self) -> int:
+        return self.credits - self.debits
+
+
+@dataclass
+class WriterStats:
+    batches: int = 0
+    requests: int = 0
+    postings: int = 0
+    retries: int = 0
+    max_batch: int = 0
+    seconds_in_db: float = 0.0
+
+
+def _chunks(items: list[Any], n: int = SQL_IN_CHUNK) -> Iterable[list[Any]]:
+    for i in range(0, len(items), n):
+        yield items[i:i + n]
+
+
+def _auth_codes(n: int) -> list[str]:
+    """``n`` unpredictable 6-digit authorisation codes (授权码) from one read of the OS random source."""
+    raw = secrets.token_bytes(4 * n)
+    return [f"{int.from_bytes(raw[i:i + 4], 'big') % 1_000_000:06d}" for i in range(0, 4 * n, 4)]
+
+
+class _Batch:
+    """The in-memory state machine for one batch (runs in the sync greenlet of the write transaction)."""
+
+    def __init__(self, store: _SaStore | _RawSqliteStore, reqs: list[TxnRequest], cutoff: Cutoff):
+        self.store = store
+        self.reqs = reqs
+        self.cutoff = cutoff
+        self.now = datetime.now(UTC)
+        self.by_key: dict[str, dict[str, Any]] = {}  # txn_key -> journal row (stored or new in this batch)
+        self.by_msg: dict[str, dict[str, Any]] = {}
+        self.by_rrn: dict[str, dict[str, Any]] = {}
+        self.tombstones: set[str] = set()
+        self.used_counters: set[str] = set()
+        self.max_atc: dict[str, int] = {}
+        self.consumed: dict[str, dict[str, int]] = defaultdict(lambda: {VOID: 0, REFUND: 0})
+        self.transfer_accounts: dict[int, tuple[int, int]] = {}
+        self.accts: dict[str, _Acct] = {}
+        self.accts_by_id: dict[int, _Acct] = {}
+        self.new_rows: list[dict[str, Any]] = []
+        self.new_transfers: list[tuple[Any, ...]] = []
+        self.new_counters: list[tuple[Any, ...]] = []
+        self.status_updates: dict[int, str] = {}  # host_txns.id -> new status (originals reversed)
+        self.deltas: dict[int, list[int]] = defaultdict(lambda: [0, 0])
+
+    # --- loading -------------------------------------------------------------------------------------
+
+    def load(self) -> None:
+        st = self.store
+        keys = list({r.txn_key for r in self.reqs} | {r.orig_key for r in self.reqs if r.orig_key})
+        msgs = list({r.msg_key for r in self.reqs})
+        orrns = list({r.row.get("orig_rrn") for r in self.reqs if r.row.get("orig_rrn")})
+        debit_keys = [r.txn_key for r in self.reqs if r.txn_type in DEBIT_TYPES]
+        hit: set[int] = set()
+        for tag, rid, okey in st.select(  # one round trip: duplicates, originals, reversal tombstones
+                "SELECT 'id', id, NULL FROM host_txns WHERE txn_key {IN1} "
+                   "UNION ALL SELECT 'id', id, NULL FROM host_txns WHERE msg_key {IN2} "
+                   "UNION ALL SELECT 'id', id, NULL FROM host_txns WHERE rrn {IN3} "
+                   "UNION ALL SELECT 'tomb', NULL, orig_key FROM host_txns WHERE orig_key {IN4} "
+                   "AND txn_type = 'REVERSAL'", [(keys, "text"), (msgs, "text"), (orrns, "text"),
+                                                 (debit_keys, "text")]):
+            if tag == "id":
+                hit.add(int(rid))
+            else:
+                self.tombstones.add(okey)
+        if hit:  # rare: duplicates and originals — full, typed rows
+            for row in st.host_rows(sorted(hit)):
+                self._remember(row)
+            # originals: what has been voided/refunded against them, and their transfers' accounts
+            orig_rrns = list({row["rrn"] for row in self.by_rrn.values() if row["txn_type"] in DEBIT_TYPES})
+            for rrn, typ, total in st.select(
+                    "SELECT orig_rrn, txn_type, sum(amount_fen) FROM host_txns WHERE orig_rrn {IN} "
+                    "AND status = 'SUCCESS' AND txn_type IN ('VOID', 'REFUND') GROUP BY orig_rrn, txn_type",
+                    [(orig_rrns, "text")]):
+                self.consumed[rrn][typ] = int(total)
+            tids = list({row["transfer_id"] for row in self.by_rrn.values() if row.get("transfer_id")})
+            for tid, dr, cr in st.select(
+                    "SELECT id, debit_account_id, credit_account_id FROM transfers WHERE id {IN}", [(tids, "bigint")]):
+                self.transfer_accounts[int(tid)] = (int(dr), int(cr))
+        # card counters: used values and the highest per card (gaps), one round trip
+        ckeys = [f"{r.counter[0]}:{r.counter[1]}" for r in self.reqs if r.counter]
+        cards = list({r.counter[0] for r in self.reqs if r.counter})
+        if ckeys:
+            for tag, key, atc in st.select(
+                    "SELECT 'used', counter_key, 0 FROM card_counters WHERE counter_key {IN1} "
+                       "UNION ALL SELECT 'max', card_no, max(atc) FROM card_counters WHERE card_no {IN2} "
+                       "GROUP BY card_no", [(ckeys, "text"), (cards, "text")]):
+                if tag == "used":
+                    self.used_counters.add(key)
+                else:
+                    self.max_atc[key] = int(atc)
+        # accounts, locked in id order (PostgreSQL) so concurrent workers serialise on shared accounts
+        live = [r for r in self.reqs if r.decline is None]  # declined requests move no money: no accounts
+        codes = {r.debit for r in live if r.debit} | {r.credit for r in live if r.credit}
+        ids = sorted({a for pair in self.transfer_accounts.values() for a in pair})
+        self._lock_accounts(codes, ids)
+        missing = [code for code in codes if code not in self.accts]
+        if missing:
+            st.ensure_accounts(missing)
+            self._lock_accounts(set(missing), [])
+
+    def _lock_accounts(self, codes: set[str], ids: list[int]) -> None:
+        if not codes and not ids:
+            return
+        for aid, code, flags, dr, cr in self.store.select(
+                "SELECT id, code, flags, debits_posted, credits_posted FROM accounts "
+                           "WHERE code {IN1} OR id {IN2} ORDER BY id {FOR_UPDATE}",
+                [(sorted(codes), "text"), (ids, "bigint")]):
+            a = _Acct(int(aid), code, int(flags), int(dr), int(cr))
+            self.accts[code] = a
+            self.accts_by_id[a.id] = a
+
+    def _remember(self, row: dict[str, Any]) -> None:
+        self.by_key[row["txn_key"]] = row
+        self.by_msg[row["msg_key"]] = row
+        self.by_rrn[row["rrn"]] = row
+
+    # --- applying ------------------------------------------------------------------------------------
+
+    def apply(self) -> list[TxnOutcome | BaseException]:
+        memo: dict[datetime, date] = {}
+        nominal = [memo.get(r.received_at) or memo.setdefault(r.received_at, self.cutoff.business_date(r.received_at))
+                   for r in self.reqs]
+        effective = self.store.resolve_dates(nominal)
+        n_posting = sum(1 for r in self.reqs if r.decline is None)
+        ids = self.store.allocate({"rrn": len(self.reqs), "transfer_id": n_posting})
+        rrns = iter(ids.get("rrn", []))
+        tids = iter(ids.get("transfer_id", []))
+        self._codes = iter(_auth_codes(len(self.reqs)))
+        out: list[TxnOutcome | BaseException] = []
+        for i, req in enumerate(self.reqs):
+            dup = self.by_key.get(req.txn_key) or self.by_msg.get(req.msg_key)
+            if dup is not None:
+                if dup["request_hash"] != req.request_hash:
+                    out.append(IdempotencyConflict(req.txn_key, dup))
+                else:
+                    out.append(TxnOutcome(dup, duplicate=True))
+                continue
+            row = self._new_row(req, f"{next(rrns):012d}", effective[nominal[i]])
+            if req.decline is None:
+                self._decide(req, row, tids)
+            else:
+                row["response_code"], row["message"] = req.decline
+                if req.counter and row["response_code"] != "59":  # the card's TAC verified: its counter is spent
+                    self._counter_ok(req, row)
+                    row["response_code"], row["message"] = req.decline
+            if row["response_code"] != "00":
+                row["status"] = row["status"] if row["status"] == REVERSED else FAILED
+                row["auth_code"] = None
+                if req.txn_type == ADVICE and row["status"] == FAILED:
+                    row["review_reason"] = row["review_reason"] or f"advice_declined_{row['response_code']}"
+            self._remember(row)
+            self.new_rows.append(row)
+            out.append(TxnOutcome(row))
+        return out
+
+    def _new_row(self, req: TxnRequest, rrn: str, bdate: date) -> dict[str, Any]:
+        row = dict.fromkeys(HOST_COLUMNS)
+        row.update(req.row)
+        row.update(rrn=rrn, txn_key=req.txn_key, msg_key=req.msg_key, request_hash=req.request_hash,
+                   business_date=bdate, txn_type=req.txn_type, fee_fen=0, status=SUCCESS, orig_key=req.orig_key,
+                   response_code="00", auth_code=next(self._codes), message=req.row.get("message") or "",
+                   review_reason=req.review_reason, created_at=self.now)
+        return row
+
+    def _counter_ok(self, req: TxnRequest, row: dict[str, Any]) -> bool:
+        if not req.counter:
+            return True
+        card_no, atc = req.counter
+        key = f"{card_no}:{atc}"
+        if key in self.used_counters:
+            row["response_code"], row["message"] = "59", "card counter replayed"
+            return False
+        last = self.max_atc.get(card_no)
+        gap = 0 if last is None or atc <= last else atc - last - 1
+        self.used_counters.add(key)
+        self.max_atc[card_no] = atc if last is None else max(last, atc)
+        self.new_counters.append((key, card_no, atc, gap, row["rrn"], self.now))
+        return True
+
+    def _decide(self, req: TxnRequest, row: dict[str, Any], tids: Iterable[int]) -> None:
+        if req.txn_type in DEBIT_TYPES:
+            if not self._counter_ok(req, row):
+                return
+            if req.txn_key in self.tombstones:
+                row["status"], row["response_code"], row["message"] = REVERSED, "12", "reversed before it arrived"
+                return
+            assert req.debit and req.credit
+            self._post(row, self.accts[req.debit], self.accts[req.credit], req.txn_type.lower(), None, tids)
+            return
+        if req.txn_type == REVERSAL:
+            self._reversal(req, row, tids)
+            return
+        self._void_or_refund(req, row, tids)
+
+    def _post(self, row: dict[str, Any], debit: _Acct, credit: _Acct, code: str, corrects: int | None,
+              tids: Iterable[int]) -> bool:
+        amount = int(row["amount_fen"])
+        if debit.flags & FLAG_NO_OVERDRAFT and debit.balance < amount:
+            row["response_code"], row["message"] = "51", "insufficient balance"
+            row["balance_after_fen"] = debit.balance
+            return False
+        tid = next(iter(tids))
+        debit.debits += amount
+        credit.credits += amount
+        self.deltas[debit.id][0] += amount
+        self.deltas[credit.id][1] += amount
+        self.new_transfers.append((
+            tid, f"{code}:{row['txn_key']}", debit.id, credit.id, amount, code, row["business_date"], self.now,
+            row["terminal_id"], row["batch_no"], row["trace_no"], row["rrn"], corrects, None,
+        ))
+        self.transfer_accounts[tid] = (debit.id, credit.id)
+        row["transfer_id"] = tid
+        card = debit if debit.code.startswith("card:") else credit
+        row["balance_after_fen"] = card.balance
+        return True
+
+    def _original_accounts(self, orig: dict[str, Any]) -> tuple[_Acct, _Acct] | None:
+        pair = self.transfer_accounts.get(orig.get("transfer_id") or -1)
+        if pair is None:
+            return None
+        card, provider = self.accts_by_id.get(pair[0]), self.accts_by_id.get(pair[1])
+        return None if card is None or provider is None else (card, provider)
+
+    def _reversal(self, req: TxnRequest, row: dict[str, Any], tids: Iterable[int]) -> None:
+        assert req.orig_key
+        orig = self.by_key.get(req.orig_key)
+        if orig is None:
+            self.tombstones.add(req.orig_key)
+            row["message"] = "original not received; a late original will not be posted"
+            return
+        row["orig_rrn"] = orig["rrn"]
+        row["program"] = row.get("program") or orig.get("program")
+        if orig["card_no"] != row["card_no"]:
+            row["response_code"], row["message"] = "12", "card differs from the original"
+            return
+        if orig["status"] == REVERSED or orig["status"] == FAILED:
+            row["message"] = "original already reversed" if orig["status"] == REVERSED else "original was declined"
+            return
+        if int(orig["amount_fen"]) != int(row["amount_fen"]):
+            row["response_code"], row["message"] = "13", "amount differs from the original"
+            return
+        used = self.consumed[orig["rrn"]]
+        if used[VOID] or used[REFUND]:
+            row["response_code"], row["message"] = "12", "original already voided or refunded"
+            return
+        pair = self._original_accounts(orig)
+        if pair is None:
+            row["response_code"], row["message"] = "96", "original transfer not found"
+            return
+        card, provider = pair
+        if self._post(row, provider, card, "reversal", orig["transfer_id"], tids):
+            orig["status"] = REVERSED
+            if orig.get("id") is not None:
+                self.status_updates[orig["id"]] = REVERSED
+
+    def _void_or_refund(self, req: TxnRequest, row: dict[str, Any], tids: Iterable[int]) -> None:
+        orig = self.by_rrn.get(row.get("orig_rrn") or "")
+        if orig is None or orig["txn_type"] not in DEBIT_TYPES:
+            row["response_code"], row["message"] = "25", "original not found"
+            return
+        if orig["status"] != SUCCESS:
+            row["response_code"], row["message"] = "12", f"original is {orig['status'].lower()}"
+            return
+        if orig["card_no"] != row["card_no"] or orig["provider_id"] != row["provider_id"]:
+            row["response_code"], row["message"] = "12", "card or provider differs from the original"
+            return
+        used = self.consumed[orig["rrn"]]
+        amount, orig_amount = int(row["amount_fen"]), int(orig["amount_fen"])
+        if req.txn_type == VOID:
+            if orig["terminal_id"] != row["terminal_id"] or orig["batch_no"] != row["batch_no"]:
+                row["response_code"], row["message"] = "12", "void must be in the batch of the original"
+                return
+            if orig["business_date"] != row["business_date"]:
+                row["response_code"], row["message"] = "12", "void must be on the business day of the original"
+                return
+            if used[VOID] or used[REFUND]:
+                row["response_code"], row["message"] = "12", "original already voided or refunded"
+                return
+            if amount != orig_amount:
+                row["response_code"], row["message"] = "13", "void must be for the full amount"
+                return
+        else:
+            if used[VOID]:
+                row["response_code"], row["message"] = "12", "original already voided"
+                return
+            if used[REFUND] + amount > orig_amount:
+                row["response_code"], row["message"] = "13", (
+                    f"refunds would exceed the original ({used[REFUND] + amount} > {orig_amount} fen)")
+                return
+        pair = self._original_accounts(orig)
+        if pair is None:
+            row["response_code"], row["message"] = "96", "original transfer not found"
+            return
+        card, provider = pair
+        row["program"] = row.get("program") or orig.get("program")
+        if self._post(row, provider, card, req.txn_type.lower(), orig["transfer_id"], tids):
+            used[req.txn_type] += amount
+
+    # --- writing -------------------------------------------------------------------------------------
+
+    def check_invariants(self) -> None:
+        debit_total = sum(d[0] for d in self.deltas.values())
+        credit_total = sum(d[1] for d in self.deltas.values())
+        if debit_total != credit_total:
+            raise InvariantViolation(f"batch debits {debit_total} != credits {credit_total}")
+        for acct_id in self.deltas:
+            a = self.accts_by_id[acct_id]
+            if a.flags & FLAG_NO_OVERDRAFT and a.balance < 0:
+                raise InvariantViolation(f"beneficiary account {a.id} would be negative")
+
+    def write(self) -> None:
+        bw = BulkWrite(self.store.dialect)
+        bw.insert(transfers, TRANSFER_COLUMNS, self.new_transfers)
+        bw.balance_deltas(self.deltas)
+        pick = operator.itemgetter(*HOST_COLUMNS)
+        bw.insert(host_txns, HOST_COLUMNS, [pick(r) for r in self.new_rows])
+        bw.insert(card_counters, COUNTER_COLUMNS, self.new_counters)
+        self.store.bulk(bw)
+        if self.status_updates:
+            self.store.set_status(sorted(self.status_updates.items()))
+
+
+class _SaStore:
+    """The batch's database access through a SQLAlchemy connection (PostgreSQL, or any backend)."""
+
+    def __init__(self, conn: Connection):
+        self.conn = conn
+        self.dialect = conn.dialect
+
+    def select(self, sql: str, lists: list[tuple[Any, str]]) -> list[tuple[Any, ...]]:
+        if not any(values for values, _ in lists):
+            return []
+        return select_multi_in_sync(self.conn, sql, lists)
+
+    def host_rows(self, ids: list[int]) -> list[dict[str, Any]]:
+        out = []
+        for chunk in _chunks(ids):
+            out += [dict(r._mapping) for r in self.conn.execute(select(host_txns).where(host_txns.c.id.in_(chunk)))]
+        return out
+
+    def resolve_dates(self, nominal: list[date]) -> dict[date, date]:
+        return resolve_business_dates_sync(self.conn, nominal)
+
+    def allocate(self, wanted: dict[str, int]) -> dict[str, list[int]]:
+        return allocate_many_sync(self.conn, wanted)
+
+    def ensure_accounts(self, codes: list[str]) -> None:
+        ensure_accounts_sync(self.conn, codes)
+
+    def bulk(self, bw: BulkWrite) -> None:
+        bw.run(self.conn)
+
+    def set_status(self, updates: list[tuple[int, str]]) -> None:
+        stmt = update(host_txns).where(host_txns.c.id == bindparam("_id")).values(status=bindparam("_status"))
+        self.conn.execute(stmt, [{"_id": k, "_status": v} for k, v in updates])
+
+
+_HOST_ALL = [c.name for c in host_txns.columns]
+
+
+def _sqlite_dt(v: Any) -> Any:
+    if v is None or isinstance(v, datetime):
+        return v
+    return datetime.fromisoformat(v).replace(tzinfo=UTC)
+
+
+class _RawSqliteStore:
+    """The same access on the raw ``sqlite3`` connection, run wholly inside the aiosqlite thread: one hop
+    per batch instead of one per statement (the writer's SQLite hot path)."""
+
+    def __init__(self, raw: Any, dialect: Any):
+        self.raw = raw
+        self.dialect = dialect
+
+    def select(self, sql: str, lists: list[tuple[Any, str]]) -> list[tuple[Any, ...]]:
+        if not any(values for values, _ in lists):
+            return []
+        q, params = render_in(sql, lists, True)
+        return self.raw.execute(q, params).fetchall()
+
+    def host_rows(self, ids: list[int]) -> list[dict[str, Any]]:
+        q, params = render_in(f"SELECT {', '.join(_HOST_ALL)} FROM host_txns WHERE id {{IN}}", [(ids, "bigint")], True)
+        out = []
+        for values in self.raw.execute(q, params).fetchall():
+            row = dict(zip(_HOST_ALL, values, strict=True))
+            row["business_date"] = date.fromisoformat(row["business_date"])
+            row["txn_time"] = _sqlite_dt(row["txn_time"])
+            row["created_at"] = _sqlite_dt(row["created_at"])
+            out.append(row)
+        return out
+
+    def resolve_dates(self, nominal: list[date]) -> dict[date, date]:
+        result: dict[date, date] = {}
+        pending = {d: d for d in set(nominal)}
+        for _ in range(MAX_CLOSED_DAYS_SKIPPED):
+            if not pending:
+                return result
+            probe = sorted({d.isoformat() for d in pending.values()})
+            q, params = render_in("SELECT business_date, status FROM settlement_windows WHERE business_date {IN}",
+                                  [(probe, "text")], True)
+            status = dict(self.raw.execute(q, params).fetchall())
+            missing = [d for d in probe if d not in status]
+            if missing:
+                self.raw.executemany("INSERT INTO settlement_windows (business_date, status) VALUES (?, 'open') "
+                                     "ON CONFLICT (business_date) DO NOTHING", [(d,) for d in missing])
+                status.update(dict(self.raw.execute(q, params).fetchall()))
+            nxt = {}
+            for orig, cand in pending.items():
+                if status.get(cand.isoformat(), "open") == "open":
+                    result[orig] = cand
+                else:
+                    nxt[orig] = cand + timedelta(days=1)
+            pending = nxt
+        raise LedgerError("no open settlement window within a year")
+
+    def allocate(self, wanted: dict[str, int]) -> dict[str, list[int]]:
+        wanted = {k: n for k, n in wanted.items() if n > 0}
+        return _sqlite_allocate(wanted, lambda q: self.raw.execute(q).fetchall()) if wanted else {}
+
+    def ensure_accounts(self, codes: list[str]) -> None:
+        now = sqlite_datetime(datetime.now(UTC))
+        specs = [spec_for(c) for c in sorted(set(codes))]
+        self.raw.executemany("INSERT INTO accounts (code, kind, program, owner, flags, debits_posted, credits_posted, "
+                             "created_at) VALUES (?, ?, ?, ?, ?, 0, 0, ?) ON CONFLICT (code) DO NOTHING",
+                             [(sp.code, sp.kind, sp.program, sp.owner, sp.flags, now) for sp in specs])
+
+    def bulk(self, bw: BulkWrite) -> None:
+        _sqlite_run(self.raw, bw.statements)
+
+    def set_status(self, updates: list[tuple[int, str]]) -> None:
+        self.raw.executemany("UPDATE host_txns SET status = ? WHERE id = ?", [(v, k) for k, v in updates])
+
+
+def _run_raw_sqlite(raw: Any, dialect: Any, reqs: list[TxnRequest], cutoff: Cutoff) -> list[TxnOutcome | BaseException]:
+    """One whole batch in the aiosqlite thread: BEGIN IMMEDIATE … COMMIT on the raw connection."""
+    raw.execute("BEGIN IMMEDIATE")
+    try:
+        out = _run_batch(_RawSqliteStore(raw, dialect), reqs, cutoff)
+        raw.execute("COMMIT")
+    except BaseException:
+        if raw.in_transaction:
+            raw.execute("ROLLBACK")
+        raise
+    return out
+
+
+def _run_batch(store: _SaStore | _RawSqliteStore, reqs: list[TxnRequest],
+               cutoff: Cutoff) -> list[TxnOutcome | BaseException]:
+    batch = _Batch(store, reqs, cutoff)
+    batch.load()
+    out = batch.apply()
+    batch.check_invariants()
+    batch.write()
+    return out
+
+
+def run_batch_sync(conn: Connection, reqs: list[TxnRequest], cutoff: Cutoff) -> list[TxnOutcome | BaseException]:
+    """Apply and write one batch inside the caller's write transaction (the writer's unit of work)."""
+    return _run_batch(_SaStore(conn), reqs, cutoff)
+
+
+class GroupCommitWriter:
+    """One writer task per process: queue, batch, post, resolve each request's future."""
+
+    def __init__(self, engine: AsyncEngine, cutoff: Cutoff | None = None, *,
+                 window_ms: float = GROUP_COMMIT_WINDOW_MS, max_batch: int = GROUP_COMMIT_MAX_BATCH):
+        self.engine = engine
+        self.cutoff = cutoff or Cutoff()
+        self.window_s = window_ms / 1000.0
+        self.max_batch = max_batch
+        self.stats = WriterStats()
+        self._queue: asyncio.Queue[TxnRequest] = asyncio.Queue()
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="carepay-group-commit")
+
+    async def stop(self) -> None:
+        """Finish what is queued, then stop."""
+        if self._task is None:
+            return
+        await self._queue.join()
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+        self._task = None
+
+    async def __aenter__(self) -> GroupCommitWriter:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def submit(self, req: TxnRequest) -> TxnOutcome:
+        """Queue one request and wait for its batch to commit. Raises :class:`IdempotencyConflict`."""
+        if self._task is None:
+            raise LedgerError("the ledger writer is not started")
+        req.future = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait(req)
+        return await req.future
+
+    async def _collect(self) -> list[TxnRequest]:
+        first = await self._queue.get()
+        batch = [first]
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.window_s
+        while len(batch) < self.max_batch:
+            while len(batch) < self.max_batch and not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            remaining = deadline - loop.time()
+            if len(batch) >= self.max_batch or remaining <= 0:
+                break
+            try:
+                batch.append(await asyncio.wait_for(self._queue.get(), remaining))
+            except TimeoutError:
+                break
+        return batch
+
+    async def _run(self) -> None:
+        while True:
+            batch = await self._collect()
+            try:
+                results = await self._write(batch)
+            except Exception as exc:  # every request of the batch learns of the failure
+                log.exception("ledger batch of %d failed: %s", len(batch), type(exc).__name__)
+                results = [LedgerError(f"ledger batch failed: {type(exc).__name__}")] * len(batch)
+            for req, res in zip(batch, results, strict=True):
+                if req.future is not None and not req.future.done():
+                    if isinstance(res, BaseException):
+                        req.future.set_exception(res)
+                    else:
+                        req.future.set_result(res)
+                self._queue.task_done()
+
+    async def _write_once(self, batch: list[TxnRequest]) -> list[TxnOutcome | BaseException]:
+        if self.engine.dialect.name == "sqlite" and RAW_SQLITE_BATCH:
+            async with self.engine.connect() as conn:
+                driver = (await conn.get_raw_connection()).driver_connection
+                if hasattr(driver, "_execute") and hasattr(driver, "_conn"):
+                    return await driver._execute(_run_raw_sqlite, driver._conn, conn.dialect, batch, self.cutoff)
+        async with write_transaction(self.engine) as conn:
+            return await conn.run_sync(run_batch_sync, batch, self.cutoff)
+
+    async def _write(self, batch: list[TxnRequest]) -> list[TxnOutcome | BaseException]:
+        for attempt in range(BATCH_RETRIES):
+            t0 = _time.perf_counter()
+            try:
+                results = await self._write_once(batch)
+            except (DBAPIError, sqlite3.OperationalError) as exc:  # unique race/deadlock/busy: reload, retry
+                self.stats.retries += 1
+                if attempt == BATCH_RETRIES - 1:
+                    raise
+                log.info("ledger batch retry %d after %s", attempt + 1, type(getattr(exc, "orig", exc)).__name__)
+                await asyncio.sleep(0.001 * (attempt + 1))
+                continue
+            self.stats.seconds_in_db += _time.perf_counter() - t0
+            metrics.BATCH_SIZE.observe(len(batch))
+            self.stats.batches += 1
+            self.stats.requests += len(batch)
+            self.stats.max_batch = max(self.stats.max_batch, len(batch))
+            self.stats.postings += sum(1 for r in results if isinstance(r, TxnOutcome) and not r.duplicate
+                                       and r.row.get("transfer_id"))
+            return results
+        raise LedgerError("unreachable")
+
+
+
+# --- direct postings for bulk work (recharge, card lifecycle, expiry, rollover, migration) ------------
+
+
+@dataclass(frozen=True)
+class TransferSpec:
+    """One transfer for :func:`post_transfers_sync`: account codes, amount, code and an idempotency key."""
+
+    debit: str
+    credit: str
+    amount_fen: int
+    code: str
+    transfer_key: str
+    memo: str | None = None
+    corrects_transfer_id: int | None = None
+
+
+def post_transfers_sync(conn: Connection, specs: list[TransferSpec], at: datetime | None = None,
+                        cutoff: Cutoff | None = None) -> list[int]:
+    """Post ``specs`` all-or-nothing inside the caller's write transaction; returns the transfer ids.
+
+    Accounts are created when missing and locked ``FOR UPDATE`` in id order; a beneficiary
+    account that would go below zero raises :class:`InsufficientFunds` (nothing is written
+    when the caller's transaction rolls back). Writes are set-based, like the writer's.
+    """
+    if not specs:
+        return []
+    for s in specs:
+        if s.amount_fen <= 0:
+            raise ValueError(f"transfer {s.transfer_key}: amount must be positive")
+    now = at or datetime.now(UTC)
+    cut = cutoff or Cutoff()
+    nominal = cut.business_date(now)
+    bdate = resolve_business_dates_sync(conn, [nominal])[nominal]
+    codes = sorted({s.debit for s in specs} | {s.credit for s in specs})
+    ensure_accounts_sync(conn, codes)
+    q = (select(accounts.c.id, accounts.c.code, accounts.c.flags, accounts.c.debits_posted, accounts.c.credits_posted)
+         .where(or_(*[accounts.c.code.in_(ch) for ch in _chunks(codes)])).order_by(accounts.c.id).with_for_update())
+    accts = {code: _Acct(int(i), code, int(f), int(d), int(c)) for i, code, f, d, c in conn.execute(q)}
+    ids = allocate_ids_sync(conn, "transfer_id", len(specs))
+    deltas: dict[int, list[int]] = defaultdict(lambda: [0, 0])
+    rows = []
+    for tid, s in zip(ids, specs, strict=True):
+        dr, cr = accts[s.debit], accts[s.credit]
+        dr.debits += s.amount_fen
+        cr.credits += s.amount_fen
+        deltas[dr.id][0] += s.amount_fen
+        deltas[cr.id][1] += s.amount_fen
+        rows.append((tid, s.transfer_key, dr.id, cr.id, s.amount_fen, s.code, bdate, now, None, None, None, None,
+                     s.corrects_transfer_id, s.memo))
+    for a in accts.values():
+        if a.flags & FLAG_NO_OVERDRAFT and a.balance < 0:
+            raise InsufficientFunds(a.code, a.balance)
+    if sum(d[0] for d in deltas.values()) != sum(d[1] for d in deltas.values()):
+        raise InvariantViolation("debits != credits")
+    executemany_sync(conn, transfers, TRANSFER_COLUMNS, rows)
+    apply_balance_deltas_sync(conn, deltas)
+    return ids
+
+
+class InsufficientFunds(Exception):
+    """A direct posting would take a beneficiary account below zero."""
+
+    def __init__(self, code: str, balance_after: int):
+        super().__init__(f"account {code.split(':')[0]} would go to {balance_after} fen")
+        self.code = code

@@ -1,0 +1,56 @@
+"""What the authorisation participants share for one message (授权上下文)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, NamedTuple
+
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from keys.issuer import IssuerKeySet
+from protocol.messages import Message
+
+TXN_TYPE_OF = {"purchase": "PURCHASE", "offline_advice": "ADVICE", "void": "VOID", "refund": "REFUND",
+               "reversal": "REVERSAL"}
+HASH_EXCLUDE = {"msg_id", "sent_at", "mac"}
+
+
+class Decline(NamedTuple):
+    """A participant's refusal: ISO 8583 response code and a short reason (no card numbers)."""
+
+    rc: str
+    message: str
+
+
+def txn_key(terminal_id: str, batch_no: str, trace_no: str, txn_type: str) -> str:
+    """The de-duplication key of a terminal transaction: terminal, batch, trace and type."""
+    return f"{terminal_id}:{batch_no}:{trace_no}:{txn_type}"
+
+
+def body_hash(msg: Message) -> str:
+    """SHA-256 of the message body without ``msg_id``, ``sent_at`` and ``mac``: a retry hashes the same."""
+    body = msg.model_dump(mode="json", exclude=HASH_EXCLUDE)
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+@dataclass
+class AuthContext:
+    msg: Any  # Purchase | OfflineAdvice | Void | Refund | Reversal
+    txn_type: str
+    received_at: datetime
+    conn: AsyncConnection
+    keysets: dict[str, IssuerKeySet]
+    txn_key: str
+    msg_key: str
+    request_hash: str
+    txn_time: datetime
+    card: Any = None  # clearing.lifecycle.Card
+    provider: Any = None  # clearing.registry.Provider
+    terminal: Any = None  # clearing.registry.Terminal
+    original: dict[str, Any] | None = None
+    replay: dict[str, Any] | None = None
+    counter: tuple[str, int] | None = None
+    notes: list[str] = field(default_factory=list)
