@@ -29,6 +29,7 @@ COMMAND_MODULES = (
     "ops.cli_clearing",
     "ops.cli_eod",
     "ops.cli_ops",
+    "ops.cli_serve",
 )
 
 for _name in COMMAND_MODULES:

@@ -8,6 +8,7 @@ Secrets are ``SecretStr`` and never print.
 from __future__ import annotations
 
 import os
+import re
 from datetime import time
 from pathlib import Path
 
@@ -40,6 +41,7 @@ class TerminalSettings(BaseModel):
     offline_max_per_card: int = 3
     heartbeat_s: int = 60
     journal_path: str = ""
+    metrics_port: int = 0  # 0 = no /metrics endpoint
 
 
 class ClearingSettings(BaseModel):
@@ -88,11 +90,55 @@ class Settings(BaseSettings):
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_path))
         return tuple(sources)
 
+    def public_dict(self) -> dict[str, object]:
+        """The effective configuration as plain data with every secret hidden (``config show``).
+
+        ``SecretStr`` fields print as ``**********``; a password inside a URL
+        (``mqtt://t1:pw@host``, ``postgresql://u:pw@host/db``) is replaced by ``***``.
+        """
+        data = self.model_dump(mode="json")
+        data["db_url_effective"] = self.resolved_db_url()
+        for name in ("db_url", "db_url_effective", "mqtt_url"):
+            data[name] = redact_url(str(data[name]))
+        return _hide_secret_fields(data)
+
     def resolved_db_url(self) -> str:
         """The database URL: explicit, else an SQLite file under the data directory."""
         if self.db_url:
             return self.db_url
         return f"sqlite+aiosqlite:///{(self.data_dir / 'carepay.db').resolve()}"
+
+
+SECRET_MASK = "**********"
+
+
+def redact_url(url: str) -> str:
+    """``url`` with the password of its userinfo replaced by ``***``.
+
+    >>> redact_url("postgresql+asyncpg://clearing:s3cret@db.internal:5432/carepay")
+    'postgresql+asyncpg://clearing:***@db.internal:5432/carepay'
+    >>> redact_url("sqlite+aiosqlite:///data/carepay.db")
+    'sqlite+aiosqlite:///data/carepay.db'
+    """
+    return _URL_PASSWORD_RE.sub(r"\1***@", url)
+
+
+_URL_PASSWORD_RE = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.\-]*://[^:/@]*:)[^/]*@")
+
+
+def _hide_secret_fields(data: dict[str, object]) -> dict[str, object]:
+    """Any field named like a secret (see ``ops.logging.is_secret_name``) and set shows as the mask."""
+    from ops.logging import is_secret_name
+
+    out: dict[str, object] = {}
+    for name, value in data.items():
+        if isinstance(value, dict):
+            out[name] = _hide_secret_fields(value)
+        elif is_secret_name(name) and value not in (None, ""):
+            out[name] = SECRET_MASK
+        else:
+            out[name] = value
+    return out
 
 
 def load_settings(**overrides: object) -> Settings:

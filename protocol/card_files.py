@@ -23,6 +23,9 @@ TRANSACTION CRYPTOGRAM       ``80 C8 P1 00 18`` :data:`CRYPTOGRAM_REQUEST`    AT
 GET TRANSACTION PROVE        ``80 5A 00 00 02 ATC``                           :data:`TRANSACTION_PROVE`; 6A88
 ===========================  ===============================================  =====================================
 
+FCI: ``6F { 84 AID, A5 { 9F0C app serial(8), 9F08 key version(1), 9F09 algorithm id(1: 04 sm4,
+00 3des), C4 application status(1), 9F36 ATC(2) } }`` (``protocol.tlv``'s house FCI plus status and ATC).
+
 A secure-messaging MAC is ``keys.mac.line_protection_mac`` under the card's ``sm_mac`` key over
 ``CLA INS P1 P2 Lc'‖data`` (Lc' counts the 4 MAC bytes; a READ BINARY carries only the MAC, so
 the MAC covers ``04 B0 P1 P2 04``), IV = the last GET CHALLENGE answer right-padded with zeros.

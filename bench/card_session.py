@@ -1,0 +1,159 @@
+"""Benchmark: card sessions per second in process, and the serial path's overhead over pure link time.
+
+1. In-process: ``simulator.channel.SimReader`` → full session (select, internal auth via PSAM, SM read of
+   the cardholder EF, entitlement, TTN, cryptogram, external auth, log append with PSAM MAC), one core.
+   Target ≥ 500 swipes/s.
+2. Serial: the real serial driver against ``carepay sim reader --pty --baud 115200`` in a subprocess;
+   overhead = median session time − pure link time (bytes on the line × 10 / baud). Target ≤ 5 ms/session.
+   The median, because on a shared machine a few emulation sleeps are descheduled for tens of ms; the mean
+   is printed beside it.
+
+Prints APDU count and bytes per session. ``--quick`` keeps it short. The last line is one JSON object.
+
+    .venv/bin/python bench/card_session.py --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from keys.issuer import IssuerKeySet  # noqa: E402
+from ops.config import DEFAULT_AID_HEX  # noqa: E402
+from simulator.cardfile import CardDeck  # noqa: E402
+from simulator.channel import SimReader  # noqa: E402
+from simulator.personalise import issue_cards  # noqa: E402
+from simulator.psam import VirtualPsam  # noqa: E402
+from terminal_agent.card_session import CardSession  # noqa: E402
+from terminal_agent.psam_session import PsamSession  # noqa: E402
+from terminal_agent.serial_driver import SerialReader  # noqa: E402
+
+AID = bytes.fromhex(DEFAULT_AID_HEX)
+BAUD = 115_200
+BITS_PER_BYTE = 10
+
+
+def one_swipe(session: CardSession, amount_fen: int = 1_000) -> None:
+    session.start()
+    txn = session.authorize(amount_fen, "voucher")
+    session.complete(txn)
+
+
+def bench_in_process(suite: str, seconds: float) -> dict:
+    card = issue_cards(1, aid=AID, suite=suite)[0]
+    rd = SimReader(card, VirtualPsam(IssuerKeySet.demo("carepay-demo", suite)))
+    psam = PsamSession(rd.psam)
+    psam.open()
+    session = CardSession(rd.card, psam, AID)
+    one_swipe(session)  # warm caches
+    c0, p0 = rd.card.apdus, rd.psam.apdus
+    b0 = rd.card.bytes_in + rd.card.bytes_out + rd.psam.bytes_in + rd.psam.bytes_out
+    n, t0 = 0, time.perf_counter()
+    cpu0 = time.process_time()
+    while time.perf_counter() - t0 < seconds:
+        one_swipe(session)
+        n += 1
+    wall = time.perf_counter() - t0
+    cpu = time.process_time() - cpu0
+    apdus = (rd.card.apdus - c0 + rd.psam.apdus - p0) / n
+    nbytes = (rd.card.bytes_in + rd.card.bytes_out + rd.psam.bytes_in + rd.psam.bytes_out - b0) / n
+    return {"suite": suite, "sessions": n, "swipes_per_s": round(n / wall, 1), "swipes_per_cpu_s": round(n / cpu, 1),
+            "apdus_per_session": apdus, "card_apdus": (rd.card.apdus - c0) / n, "psam_apdus": (rd.psam.apdus - p0) / n,
+            "apdu_bytes_per_session": round(nbytes, 1)}
+
+
+def bench_serial(sessions: int, baud: int) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        deck_path = Path(tmp) / "cards.json"
+        deck = CardDeck(cards=issue_cards(1, aid=AID), issuer="demo:carepay-demo")
+        deck.save(deck_path)
+        cmd = [sys.executable, "-m", "ops.cli", "sim", "reader", "--pty", "--cards", str(deck_path),
+               "--volatile", "--baud", str(baud)]
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        try:
+            assert proc.stdout is not None
+            path = proc.stdout.readline().strip()
+            with SerialReader(path, baud=baud, timeout_ms=2_000) as rd:
+                psam = PsamSession(rd.psam)
+                psam.open()
+                session = CardSession(rd.card, psam, AID)
+                one_swipe(session)
+                b0 = rd.bytes_sent + rd.bytes_received
+                a0 = session.apdus
+                times = []
+                cpu0, rcpu0 = time.process_time(), _proc_cpu_s(proc.pid)
+                for _ in range(sessions):
+                    t0 = time.perf_counter()
+                    one_swipe(session)
+                    times.append(time.perf_counter() - t0)
+                cpu = time.process_time() - cpu0 + _proc_cpu_s(proc.pid) - rcpu0
+                line_bytes = (rd.bytes_sent + rd.bytes_received - b0) / sessions
+                card_apdus = (session.apdus - a0) / sessions
+        finally:
+            proc.terminate()
+            proc.wait(timeout=5)
+    link_s = line_bytes * BITS_PER_BYTE / baud if baud else 0.0
+    median = statistics.median(times)
+    mean = statistics.fmean(times)
+    return {"baud": baud, "sessions": sessions, "session_ms": round(median * 1000, 2),
+            "session_mean_ms": round(mean * 1000, 2), "link_ms": round(link_s * 1000, 2),
+            "overhead_ms": round((median - link_s) * 1000, 2), "overhead_mean_ms": round((mean - link_s) * 1000, 2),
+            "line_bytes_per_session": round(line_bytes, 1), "card_apdus_per_session": card_apdus,
+            "cpu_ms_per_session": round(cpu / sessions * 1000, 2)}
+
+
+def _proc_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of another process (Linux /proc; 0 elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="short run (CI)")
+    args = ap.parse_args()
+    seconds = 1.0 if args.quick else 5.0
+    serial_sessions = 10 if args.quick else 50
+    result: dict = {"bench": "card_session", "quick": args.quick, "cpus": os.cpu_count(),
+                    "loadavg_1m_at_start": round(os.getloadavg()[0], 2)}
+    for suite in ("sm4", "3des"):
+        r = bench_in_process(suite, seconds)
+        result[f"in_process_{suite}"] = r
+        print(f"in-process {suite}: {r['swipes_per_s']} swipes/s ({r['swipes_per_cpu_s']} per CPU-second), "
+              f"{r['apdus_per_session']:.0f} APDUs ({r['card_apdus']:.0f} card + {r['psam_apdus']:.0f} PSAM), "
+              f"{r['apdu_bytes_per_session']:.0f} APDU bytes per session")
+    r0 = bench_serial(serial_sessions, 0)
+    r = bench_serial(serial_sessions, BAUD)
+    result["serial_no_delay"] = r0
+    result["serial_115200"] = r
+    print(f"serial, no link delay: median {r0['session_ms']} ms/session (driver + pty + reader + card work, no line "
+          f"time); CPU of driver + reader {r0['cpu_ms_per_session']} ms/session; "
+          f"{r0['line_bytes_per_session']:.0f} bytes on the line")
+    print(f"serial @ {BAUD} baud: median {r['session_ms']} ms/session = {r['link_ms']} ms pure link time + "
+          f"{r['overhead_ms']} ms overhead (mean {r['overhead_mean_ms']} ms; {r['line_bytes_per_session']:.0f} bytes, "
+          f"{r['card_apdus_per_session']:.0f} card APDUs per session)")
+    result["targets"] = {"in_process_swipes_per_s_min": 500, "serial_overhead_ms_max": 5,
+                         "met": min(result["in_process_sm4"]["swipes_per_cpu_s"],
+                                    result["in_process_3des"]["swipes_per_cpu_s"]) >= 500
+                         and r["overhead_ms"] <= 5}
+    print(f"(load average at start {result['loadavg_1m_at_start']} on {result['cpus']} CPUs: timings on a shared "
+          "machine include scheduler delays)")
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

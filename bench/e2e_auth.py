@@ -1,0 +1,494 @@
+"""End-to-end authorisation benchmark: simulated terminals → mosquitto → clearing workers → ledger → back.
+
+One run, one broker (mosquitto started with the project's own configuration on a free
+port), one load generator (this process: many terminals multiplexed over a few MQTT
+connections, one asyncio loop), two systems under test:
+
+1. **echo** — the baseline: a bare aiomqtt responder process on the shared subscription
+   that publishes every request straight back on the terminal's down topic (QoS 1,
+   TCP_NODELAY). Same messages, same generator, same broker.
+2. **auth** — ``carepay clearing serve`` worker processes: MAC check, de-duplication,
+   card cryptogram verification, group-committed double-entry posting, signed answer.
+
+For each: a closed-loop run (a fixed number of requests in flight: the sustained
+rate) and an open-loop run at a fixed offered rate (default 1,000/s: p50/p99 latency
+measured from the scheduled send time, so queueing counts). Each simulated terminal
+sends one request at a time, in order (as a real POS does).
+
+Card proofs: every purchase carries a real card cryptogram made by a simulated card and
+PSAM over the in-process channel — made before the clock starts (the card side's cost is
+measured and reported separately as ``card_sessions_per_s``), so the figures are the host
+path's.
+
+    .venv/bin/python bench/e2e_auth.py            # ~1 minute
+    .venv/bin/python bench/e2e_auth.py --quick    # ~20 s
+
+Prints a table; the last line is one JSON object with at least ``auth_per_s``, ``p50_ms``,
+``p99_ms`` and ``echo_per_s``. Targets: auth ≥ 0.6 × echo; p99 ≤ 50 ms at 1,000/s offered.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from ops.mosquitto_proc import MosquittoProcess  # noqa: E402
+from protocol.messages import SHARED_UP_TOPIC, Message  # noqa: E402
+from protocol.transport import client_id, make_client, publish_nowait  # noqa: E402
+from terminal_agent.host_client import HostLink, HostTimeout, HostUnavailable  # noqa: E402
+
+REQUEST_TIMEOUT_S = 10.0
+TARGET_ECHO_RATIO = 0.6
+TARGET_P99_MS = 50.0
+SIGN_ON_CONCURRENCY = 16
+SIGN_ON_ATTEMPTS = 3
+OPEN_LOOP_GRACE_FACTOR = 2.0
+"""An open-loop run stops sending after this many times its duration; what is left counts as missed."""
+
+
+# --- the echo responder (a separate process, like the clearing workers) -----------------------------
+
+
+async def echo_responder(url: str, name: str) -> None:
+    """Publish every up message back on its terminal's down topic; never await a PUBACK in the loop."""
+
+    async with make_client(url, identifier=client_id("echo", name)) as client:
+        await client.subscribe(SHARED_UP_TOPIC, qos=1)
+        print("ready", flush=True)
+        async for message in client.messages:
+            publish_nowait(client, str(message.topic).removesuffix("/up") + "/down", message.payload)  # type: ignore[arg-type]
+
+
+# --- the load generator -----------------------------------------------------------------------------
+
+
+@dataclass
+class Result:
+    name: str
+    mode: str
+    sent: int = 0
+    ok: int = 0
+    failed: int = 0
+    elapsed_s: float = 0.0
+    latencies_ms: list[float] = field(default_factory=list)
+    offered_per_s: float | None = None
+    dry: bool = False
+    missed: int = 0
+
+    @property
+    def per_s(self) -> float:
+        return self.ok / self.elapsed_s if self.elapsed_s else 0.0
+
+    def pct(self, q: float) -> float:
+        if not self.latencies_ms:
+            return float("nan")
+        s = sorted(self.latencies_ms)
+        return s[min(len(s) - 1, int(q * len(s)))]
+
+
+class Terminal:
+    """One simulated terminal: a queue of requests it sends one at a time."""
+
+    def __init__(self, terminal_id: str, link: HostLink, make: Callable[[str], Message | None],
+                 check: Callable[[Message], bool]) -> None:
+        self.terminal_id = terminal_id
+        self.link = link
+        self.make = make
+        self.check = check
+        self.queue: deque[float] = deque()  # scheduled send times (perf_counter)
+        self.wake = asyncio.Event()
+        self.busy = False
+
+    async def one(self, result: Result, scheduled: float) -> bool:
+        msg = self.make(self.terminal_id)
+        if msg is None:
+            return False
+        result.sent += 1
+        try:
+            answer = await self.link.request(msg, REQUEST_TIMEOUT_S)
+        except (HostTimeout, HostUnavailable):
+            result.failed += 1
+            return True
+        if self.check(answer):
+            result.ok += 1
+            result.latencies_ms.append((time.perf_counter() - scheduled) * 1000)
+        else:
+            result.failed += 1
+        return True
+
+
+async def closed_loop(terminals: list[Terminal], duration_s: float, name: str) -> Result:
+    """Every terminal keeps one request in flight for ``duration_s``."""
+    result = Result(name, "closed")
+    stop_at = time.perf_counter() + duration_s
+
+    async def run(t: Terminal) -> None:
+        while time.perf_counter() < stop_at and not result.dry:
+            if not await t.one(result, time.perf_counter()):
+                result.dry = True  # a terminal ran out of prepared purchases: stop everyone
+
+    start = time.perf_counter()
+    await asyncio.gather(*(run(t) for t in terminals))
+    result.elapsed_s = time.perf_counter() - start
+    return result
+
+
+async def open_loop(terminals: list[Terminal], rate_per_s: float, duration_s: float, name: str) -> Result:
+    """Arrivals at ``rate_per_s`` spread round-robin over the terminals; latency from the scheduled time."""
+    result = Result(name, "open", offered_per_s=rate_per_s)
+    n = int(rate_per_s * duration_s)
+    interval = 1.0 / rate_per_s
+
+    give_up_at = time.perf_counter() + duration_s * OPEN_LOOP_GRACE_FACTOR
+
+    async def drain(t: Terminal) -> None:
+        while True:
+            while not t.queue:
+                t.wake.clear()
+                await t.wake.wait()
+            scheduled = t.queue.popleft()
+            if scheduled < 0:
+                return
+            if time.perf_counter() > give_up_at:  # the system fell this far behind: count the rest as missed
+                result.missed += 1
+                continue
+            await t.one(result, scheduled)
+
+    workers = [asyncio.create_task(drain(t)) for t in terminals]
+    start = time.perf_counter()
+    for i in range(n):
+        due = start + i * interval
+        delay = due - time.perf_counter()
+        if delay > 0.001:
+            await asyncio.sleep(delay)
+        t = terminals[i % len(terminals)]
+        t.queue.append(due)
+        t.wake.set()
+    for t in terminals:
+        t.queue.append(-1.0)
+        t.wake.set()
+    await asyncio.gather(*workers)
+    result.elapsed_s = time.perf_counter() - start
+    return result
+
+
+async def with_links(url: str, terminal_ids: list[str], links: int,
+                     body: Callable[[list[HostLink]], Awaitable[object]]) -> object:
+    groups = [terminal_ids[i::links] for i in range(links)]
+    hl = [HostLink(url, g, name=f"gen{i}") for i, g in enumerate(groups)]
+    for link in hl:
+        await link.start()
+    try:
+        return await body(hl)
+    finally:
+        for link in hl:
+            await link.stop()
+
+
+# --- the two systems under test -------------------------------------------------------------------
+
+
+def spawn(args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, **(env or {})}, cwd=ROOT)
+
+
+def wait_ready(proc: subprocess.Popen[str], what: str, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    assert proc.stdout is not None
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"{what} exited before it was ready")
+        if "ready" in line:
+            import threading
+
+            # keep reading its output so a chatty child never blocks on a full pipe
+            threading.Thread(target=lambda: [None for _ in proc.stdout], daemon=True).start()  # type: ignore[union-attr]
+            return
+    raise RuntimeError(f"{what} not ready within {timeout_s} s")
+
+
+def stop(procs: list[subprocess.Popen[str]]) -> None:
+    for p in procs:
+        p.terminate()
+    for p in procs:
+        try:
+            p.wait(10)
+        except subprocess.TimeoutExpired:
+            p.kill()
+
+
+async def run_echo(url: str, terminal_ids: list[str], make: Callable[[str], Message | None], *,
+                   duration_s: float, closed_s: float, rate: float, links: int,
+                   responders: int) -> tuple[Result, Result]:
+    procs = [spawn([__file__, "--role", "echo", "--mqtt", url, "--name", f"e{i}"]) for i in range(responders)]
+    try:
+        for p in procs:
+            wait_ready(p, "echo responder")
+
+        def check(answer: Message) -> bool:
+            return answer.type == "purchase"
+
+        async def body(hl: list[HostLink]) -> tuple[Result, Result]:
+            terms = [Terminal(t, hl[i % len(hl)], make, check) for i, t in enumerate(terminal_ids)]
+            await closed_loop(terms[: min(len(terms), 50)], 0.5, "warm-up")
+            opened = await open_loop(terms, rate, duration_s, "echo")
+            closed = await closed_loop(terms, closed_s, "echo")
+            return closed, opened
+
+        return await with_links(url, terminal_ids, links, body)  # type: ignore[return-value]
+    finally:
+        stop(procs)
+
+
+# --- table and JSON ---------------------------------------------------------------------------------
+
+
+def table(rows: list[Result]) -> str:
+    head = (f"{'system':<8} {'mode':<7} {'offered/s':>9} {'done/s':>9} {'ok':>7} {'failed':>6} {'missed':>6} "
+            f"{'p50 ms':>8} {'p99 ms':>8}")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        offered = f"{r.offered_per_s:.0f}" if r.offered_per_s else "max"
+        lines.append(f"{r.name:<8} {r.mode:<7} {offered:>9} {r.per_s:>9.0f} {r.ok:>7} {r.failed:>6} {r.missed:>6} "
+                     f"{r.pct(0.50):>8.2f} {r.pct(0.99):>8.2f}")
+    return "\n".join(lines)
+
+
+def synthetic_purchases(terminal_ids: list[str], per_terminal: int) -> dict[str, deque[Message]]:
+    """Well-formed purchase messages (no card) for the echo-only mode."""
+    from datetime import UTC, datetime
+
+    from protocol.messages import CardProof, Purchase
+
+    out: dict[str, deque[Message]] = {}
+    now = datetime.now(UTC)
+    proof = CardProof(card_no="6217000000000000018", app_serial="0123456789ABCDEF", key_version=1, atc=1, ttn=1,
+                      txn_date="20260101", txn_time="120000", tac="00000000")
+    for t in terminal_ids:
+        out[t] = deque(Purchase(terminal_id=t, msg_id=f"{t}-{i:08d}", sent_at=now, provider_id="110105000000001",
+                                batch_no="000001", trace_no=f"{i % 999999 + 1:06d}", program="voucher",
+                                service_category="home_care", amount_fen=100, card=proof, mac="0" * 16)
+                       for i in range(per_terminal))
+    return out
+
+
+async def prepare_fleet(db_url: str, n_terms: int, n_cards: int, seed: int) -> Any:
+    """Register the fleet (providers, terminals, cards funded by a recharge import) in a fresh database."""
+    from clearing.db import init_db, make_engine
+    from clearing.terminal_keys import ensure_schema
+    from ops.fleet import setup_fleet
+
+    engine = make_engine(db_url)
+    try:
+        await init_db(engine)
+        await ensure_schema(engine)
+        return await setup_fleet(engine, terminals=n_terms, cards=n_cards, seed=seed, prefix="B",
+                                 fund_fen={"voucher": 10_000_000, "nursing": 10_000_000})
+    finally:
+        await engine.dispose()
+
+
+def start_clearing(db_url: str, url: str, workers: int) -> subprocess.Popen[str]:
+    proc = spawn(["-m", "ops.cli", "clearing", "serve", "--db", db_url, "--mqtt", url, "--workers", str(workers)])
+    wait_ready(proc, "clearing serve")
+    return proc
+
+
+async def sign_on_all(url: str, world: Any, links: int) -> dict[str, Any]:
+    """Every terminal signs on through the clearing workers; returns the agents (with their TAKs)."""
+    from terminal_agent.agent import TerminalAgent
+    from terminal_agent.host_client import HostClient
+    from terminal_agent.journal import Journal
+
+    ids = [t.terminal_id for t in world.terminals]
+
+    async def body(hl: list[HostLink]) -> dict[str, Any]:
+        agents = {t.terminal_id: TerminalAgent(t.identity(), HostClient(hl[i % len(hl)], t.terminal_id),
+                                               Journal(":memory:", durable=False))
+                  for i, t in enumerate(world.terminals)}
+        sem = asyncio.Semaphore(SIGN_ON_CONCURRENCY)
+
+        async def one(a: Any) -> None:
+            async with sem:
+                for attempt in range(SIGN_ON_ATTEMPTS):
+                    try:
+                        await a.sign_on()
+                        return
+                    except HostTimeout:
+                        if attempt == SIGN_ON_ATTEMPTS - 1:
+                            raise
+
+        await asyncio.gather(*(one(a) for a in agents.values()))
+        return agents
+
+    return await with_links(url, ids, links, body)  # type: ignore[return-value]
+
+
+def prepare_purchases(world: Any, agents: dict[str, Any], per_terminal: int) -> tuple[dict[str, deque[Message]], float]:
+    """Card sessions over the in-process channel (real card + PSAM simulators): one signed purchase each.
+
+    Returns the messages per terminal (in each card's counter order) and the card sessions per second.
+    """
+    from ops.fleet import SimTerminal, card_programs
+    from terminal_agent.host_client import HostLink as _HL
+
+    nursing = [c for c in world.cards if "nursing" in card_programs(c)]
+    voucher = [c for c in world.cards if c not in nursing]
+    by_prog = {"voucher": [t for t in world.terminals if t.program == "voucher"],
+               "nursing": [t for t in world.terminals if t.program == "nursing"]}
+    deal: dict[str, list[Any]] = {}
+    for program, deck in (("voucher", voucher), ("nursing", nursing)):
+        terms = by_prog[program]
+        for i, t in enumerate(terms):
+            deal[t.terminal_id] = deck[i::len(terms)] if deck else []
+    dummy = _HL("mqtt://127.0.0.1:1")  # never started: only the card side is used here
+    out: dict[str, deque[Message]] = {}
+    sessions, started = 0, time.perf_counter()
+    for spec in world.terminals:
+        cards = deal.get(spec.terminal_id) or []
+        q: deque[Message] = deque()
+        out[spec.terminal_id] = q
+        if not cards:
+            continue
+        sim = SimTerminal(spec, world.key_set, dummy, agents[spec.terminal_id].journal)
+        agent = agents[spec.terminal_id]
+        for k in range(per_terminal):
+            card = cards[k % len(cards)]
+            session = sim.session(card)
+            session.start()
+            txn = session.authorize(100 + k % 50, spec.program)
+            sim.reader.card.remove()
+            sessions += 1
+            msg = agent._purchase_message(txn, f"{k % 999_999 + 1:06d}", "home_care")
+            q.append(msg.model_copy(update={"batch_no": f"{1 + k // 999_999:06d}"}).signed(agent._tak))
+    rate = sessions / (time.perf_counter() - started)
+    return out, rate
+
+
+async def run_auth(url: str, world: Any, agents: dict[str, Any], msgs: dict[str, deque[Message]], *,
+                   duration_s: float, closed_s: float, rate: float, links: int) -> tuple[Result, Result]:
+    ids = [t.terminal_id for t in world.terminals if msgs[t.terminal_id]]
+
+    def make(t: str) -> Message | None:
+        q = msgs[t]
+        return q.popleft() if q else None
+
+    def check(answer: Message) -> bool:
+        ok = answer.type == "purchase_result" and getattr(answer, "response_code", "") == "00"
+        return ok and answer.mac_ok(agents[answer.terminal_id]._tak)
+
+    async def body(hl: list[HostLink]) -> tuple[Result, Result]:
+        terms = [Terminal(t, hl[i % len(hl)], make, check) for i, t in enumerate(ids)]
+        opened = await open_loop(terms, rate, duration_s, "auth")
+        closed = await closed_loop(terms, closed_s, "auth")
+        return closed, opened
+
+    return await with_links(url, ids, links, body)  # type: ignore[return-value]
+
+
+async def run_bench(args: argparse.Namespace) -> int:
+    duration_s = 3.0 if args.quick else 10.0
+    closed_s = 2.0 if args.quick else 5.0
+    n_terms = args.terminals or (100 if args.quick else 200)
+    n_cards = 4 * n_terms
+    rows: list[Result] = []
+    with tempfile.TemporaryDirectory(prefix="carepay-bench-") as tmp, MosquittoProcess(Path(tmp)) as broker:
+        url = broker.url
+        if args.echo_only:
+            terminal_ids = [f"B{i:07d}" for i in range(1, n_terms + 1)]
+            per_terminal = int((args.rate * duration_s + 4000 * closed_s) / n_terms) + 50
+            msgs = synthetic_purchases(terminal_ids, per_terminal)
+        else:
+            db_url = args.db or f"sqlite+aiosqlite:///{tmp}/bench.db"
+            print(f"setting up {n_terms} terminals, {n_cards} cards in {db_url.split('@')[-1]} …", flush=True)
+            world = await prepare_fleet(db_url, n_terms, n_cards, seed=7)
+            terminal_ids = [t.terminal_id for t in world.terminals]
+            clearing = start_clearing(db_url, url, args.workers)
+            try:
+                agents = await sign_on_all(url, world, args.links)
+            finally:
+                stop([clearing])  # the echo baseline runs on the same topics: clearing must not see it
+            per_terminal = int((args.rate * duration_s + 3000 * closed_s) / n_terms) + 20
+            print(f"card sessions for {per_terminal * n_terms} purchases (in-process card + PSAM) …", flush=True)
+            msgs, card_rate = prepare_purchases(world, agents, per_terminal)
+        echo_msgs = {t: deque(q) for t, q in msgs.items()}
+
+        def make_echo(t: str) -> Message | None:
+            q = echo_msgs[t]
+            if not q:
+                return None
+            m = q.popleft()
+            q.append(m)
+            return m
+
+        echo_closed, echo_open = await run_echo(url, [t for t in terminal_ids if echo_msgs[t]], make_echo,
+                                                duration_s=duration_s, closed_s=closed_s, rate=args.rate,
+                                                links=args.links, responders=args.workers)
+        rows += [echo_closed, echo_open]
+        summary: dict[str, Any] = {"echo_per_s": round(echo_closed.per_s), "echo_p50_ms": round(echo_open.pct(0.5), 2),
+                                   "echo_p99_ms": round(echo_open.pct(0.99), 2)}
+        if not args.echo_only:
+            clearing = start_clearing(db_url, url, args.workers)
+            try:
+                auth_closed, auth_open = await run_auth(url, world, agents, msgs, duration_s=duration_s,
+                                                        closed_s=closed_s, rate=args.rate, links=args.links)
+            finally:
+                stop([clearing])
+            rows += [auth_closed, auth_open]
+            from clearing.db import make_engine
+            from clearing.invariants import check_invariants
+
+            engine = make_engine(db_url)
+            problems = await check_invariants(engine)
+            await engine.dispose()
+            ratio = auth_closed.per_s / echo_closed.per_s if echo_closed.per_s else 0.0
+            summary = {"auth_per_s": round(auth_closed.per_s), "p50_ms": round(auth_open.pct(0.5), 2),
+                       "p99_ms": round(auth_open.pct(0.99), 2), "offered_per_s": args.rate,
+                       "auth_open_done_per_s": round(auth_open.per_s), "auth_failed": auth_closed.failed
+                       + auth_open.failed, "auth_open_missed": auth_open.missed, **summary, "auth_vs_echo": round(ratio, 3),
+                       "card_sessions_per_s": round(card_rate), "workers": args.workers, "terminals": n_terms,
+                       "db": "postgresql" if db_url.startswith("postgresql") else "sqlite",
+                       "invariants_ok": problems == [],
+                       "targets_met": ratio >= TARGET_ECHO_RATIO and auth_open.pct(0.99) <= TARGET_P99_MS}
+        print(table(rows))
+        print(json.dumps(summary))
+    return 0
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="short runs (~20 s in all)")
+    ap.add_argument("--role", default="bench", choices=("bench", "echo"), help=argparse.SUPPRESS)
+    ap.add_argument("--mqtt", default="", help=argparse.SUPPRESS)
+    ap.add_argument("--name", default="e0", help=argparse.SUPPRESS)
+    ap.add_argument("--rate", type=float, default=1000.0, help="offered rate of the open-loop runs (per second)")
+    ap.add_argument("--terminals", type=int, default=0, help="simulated terminals (default 200; quick 100)")
+    ap.add_argument("--workers", type=int, default=2, help="clearing worker processes")
+    ap.add_argument("--links", type=int, default=4, help="MQTT connections the generator multiplexes over")
+    ap.add_argument("--db", default="", help="database URL (default: an SQLite file in a temp dir)")
+    ap.add_argument("--echo-only", action="store_true", help="only the echo baseline")
+    args = ap.parse_args()
+    if args.role == "echo":
+        asyncio.run(echo_responder(args.mqtt, args.name))
+        return 0
+    return asyncio.run(run_bench(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,345 @@
+"""A clearing worker (清算工作进程): terminal requests in from MQTT, answers out.
+
+Subscribes to the shared subscription ``$share/clearing/carepay/v1/term/+/up`` so N
+worker processes split the load (with the embedded amqtt broker, which has no
+``$share``, exactly one worker subscribes to the plain topic). For each message:
+
+1. parse (malformed → counted, dropped: there is nobody to answer with certainty);
+2. the topic's terminal id must be the message's (``carepay_refused_messages{reason="topic"}``);
+3. ``sign_on`` → :class:`clearing.signon.SignOnService` (MAC under the TMK);
+4. MAC under the terminal's TAK (current, or the previous during the rotation grace,
+   re-read from the database once on failure): bad → answer ``A0``, count, post nothing;
+5. ``sent_at`` outside ``±max_age_s`` → refused (``12``, "stale"); a ``msg_id`` this
+   worker already answered → the same answer again, nothing processed (the host's
+   own idempotency on ``terminal:msg_id`` and ``terminal:batch:trace`` covers other workers);
+6. the clearing service's ``handle`` (verify card, de-duplicate, post via group commit);
+7. the answer, MAC'd under the TAK that verified the request, published QoS 1.
+
+The receive loop never awaits a PUBACK or a posting: each message is processed in
+its own task (bounded by ``MAX_IN_FLIGHT``: when full, the loop waits — back-pressure
+to the broker), so group commit sees many requests at once and answers leave as
+soon as they are ready.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+import aiomqtt
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from clearing import metrics
+from clearing.signon import SignOnService
+from clearing.terminal_keys import KEY_GRACE_S, TerminalKeySource, WorkingKeys, ensure_schema
+from protocol.messages import (
+    RC,
+    RESULT_TYPE,
+    SHARED_UP_TOPIC,
+    BatchSettle,
+    BatchSettleResult,
+    BatchTotals,
+    BatchUpload,
+    BatchUploadResult,
+    Heartbeat,
+    Message,
+    MessageError,
+    SignOn,
+    TxnResult,
+    down_topic,
+    parse_message,
+)
+from protocol.transport import client_id, make_client, publish_nowait
+
+log = logging.getLogger("carepay.clearing.worker")
+
+PLAIN_UP_TOPIC = "carepay/v1/term/+/up"
+MAX_IN_FLIGHT = 4_000
+"""Requests one worker processes at once; the receive loop waits when they are all busy."""
+ANSWER_CACHE_ENTRIES = 50_000
+"""Answers remembered per worker by ``terminal:msg_id`` for retransmitted duplicates."""
+FUTURE_SKEW_S = 60
+RECONNECT_MIN_S = 0.1
+RECONNECT_MAX_S = 5.0
+
+
+class RequestHandler(Protocol):
+    """The clearing service: answers a verified request (purchase, void, refund, reversal, advice, batch)."""
+
+    async def handle(self, msg: Message) -> Message | None: ...
+
+
+@dataclass
+class WorkerStats:
+    received: int = 0
+    answered: int = 0
+    mac_failures: int = 0
+    refused: int = 0
+    errors: int = 0
+
+
+def _terminal_of(topic: str) -> str | None:
+    parts = topic.split("/")
+    if len(parts) == 5 and parts[0] == "carepay" and parts[1] == "v1" and parts[2] == "term" and parts[4] == "up":
+        return parts[3]
+    return None
+
+
+def refusal(msg: Message, code: str, text: str) -> Message | None:
+    """An answer with ``code`` for any request type (None for types that get no answer)."""
+    common = {"terminal_id": msg.terminal_id, "msg_id": uuid.uuid4().hex, "sent_at": datetime.now(UTC),
+              "orig_msg_id": msg.msg_id}
+    if isinstance(msg, BatchSettle):
+        return BatchSettleResult(batch_no=msg.batch_no, response_code=code, balanced=False,
+                                 host_totals=BatchTotals(), **common)
+    if isinstance(msg, BatchUpload):
+        return BatchUploadResult(batch_no=msg.batch_no, response_code=code, **common)
+    result_type = RESULT_TYPE.get(msg.type)
+    if result_type is None:
+        return None
+    return TxnResult(type=result_type, batch_no=msg.batch_no, trace_no=msg.trace_no,  # type: ignore[attr-defined]
+                     response_code=code, message=text[:200], **common)
+
+
+class ClearingWorker:
+    """One worker: ``await worker.run()`` until ``stop()``; ``embedded=True`` for the amqtt broker (no $share)."""
+
+    def __init__(self, url: str, service: RequestHandler, working_keys: WorkingKeys, sign_on: SignOnService, *,
+                 max_age_s: int = 300, embedded: bool = False, username: str | None = None,
+                 password: str | None = None, name: str = "w0",
+                 on_connect: Callable[[], Awaitable[None]] | None = None) -> None:
+        self._url = url
+        self._service = service
+        self._keys = working_keys
+        self._sign_on = sign_on
+        self._max_age_s = max_age_s
+        self._topic = PLAIN_UP_TOPIC if embedded else SHARED_UP_TOPIC
+        self._username = username
+        self._password = password
+        self._name = name
+        self._on_connect = on_connect
+        self._answers: OrderedDict[str, Message] = OrderedDict()
+        self._slots = asyncio.Semaphore(MAX_IN_FLIGHT)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._stopping = False
+        self._ready = asyncio.Event()
+        self._client: aiomqtt.Client | None = None
+        self.stats = WorkerStats()
+
+    def __repr__(self) -> str:
+        return f"ClearingWorker(name={self._name}, topic={self._topic})"
+
+    @property
+    def ready(self) -> asyncio.Event:
+        """Set while subscribed."""
+        return self._ready
+
+    def stop(self) -> None:
+        """No reconnect after the current connection ends (cancel the task running :meth:`run` to end it now)."""
+        self._stopping = True
+
+    async def run(self) -> None:
+        """Connect, subscribe, serve; reconnect with back-off when the broker goes away."""
+        backoff = RECONNECT_MIN_S
+        while not self._stopping:
+            try:
+                async with make_client(self._url, identifier=client_id("clr", self._name),
+                                       username=self._username, password=self._password) as client:
+                    self._client = client
+                    await client.subscribe(self._topic, qos=1)
+                    self._ready.set()
+                    backoff = RECONNECT_MIN_S
+                    if self._on_connect is not None:
+                        await self._on_connect()
+                    async for message in client.messages:
+                        await self._slots.acquire()
+                        task = asyncio.create_task(self._process(client, str(message.topic), message.payload))
+                        self._tasks.add(task)
+                        task.add_done_callback(self._done)
+            except aiomqtt.MqttError as exc:
+                log.warning("broker connection lost (%s); reconnecting", exc)
+            finally:
+                self._ready.clear()
+                self._client = None
+            if self._stopping:
+                break
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, RECONNECT_MAX_S)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        self._slots.release()
+        metrics.QUEUE_DEPTH.set(len(self._tasks))
+
+    async def drain(self, timeout_s: float = 10.0) -> None:
+        """Wait for the requests in flight to be answered (graceful stop)."""
+        if self._tasks:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.gather(*list(self._tasks), return_exceptions=True), timeout_s)
+
+    # --- one message ----------------------------------------------------------------------------
+
+    async def _process(self, client: aiomqtt.Client, topic: str, payload: object) -> None:
+        started = time.perf_counter()
+        self.stats.received += 1
+        metrics.QUEUE_DEPTH.set(len(self._tasks))
+        try:
+            answer, key = await self._answer(topic, payload)
+        except Exception:  # never crash the worker on one message
+            log.exception("request failed")
+            self.stats.errors += 1
+            return
+        if answer is None:
+            return
+        if key is not None:
+            answer = answer.signed(key)
+        try:
+            publish_nowait(client, down_topic(answer.terminal_id), answer.to_json())
+        except aiomqtt.MqttError as exc:
+            log.warning("answer not published (%s); the terminal will time out and reverse", exc)
+            return
+        self.stats.answered += 1
+        code = getattr(answer, "response_code", "")
+        req_type = answer.type.removesuffix("_result")
+        metrics.AUTH_REQUESTS.labels(type=req_type, code=code).inc()
+        metrics.AUTH_LATENCY.labels(type=req_type).observe(time.perf_counter() - started)
+
+    def _refuse(self, reason: str) -> None:
+        self.stats.refused += 1
+        metrics.REFUSED.labels(reason=reason).inc()
+
+    async def _answer(self, topic: str, payload: object) -> tuple[Message | None, bytes | None]:
+        """The (unsigned) answer and the key to MAC it with; (answer, None) when already MAC'd."""
+        if not isinstance(payload, (bytes, bytearray)):
+            self._refuse("malformed")
+            return None, None
+        try:
+            msg = parse_message(bytes(payload))
+        except MessageError:
+            self._refuse("malformed")
+            return None, None
+        if _terminal_of(topic) != msg.terminal_id:
+            self._refuse("topic")
+            return None, None
+        if isinstance(msg, SignOn):
+            answer = await self._sign_on.handle(msg)
+            if answer is None:
+                self._refuse("sign_on_mac")
+                metrics.MAC_FAILURES.labels(type="sign_on").inc()
+                return None, None
+            metrics.SIGN_ONS.labels(step="challenge" if not msg.host_nonce else "keys",
+                                    code=getattr(answer, "response_code", "00")).inc()
+            return answer, None
+        if msg.type not in ("purchase", "offline_advice", "reversal", "void", "refund", "batch_settle",
+                            "batch_upload", "heartbeat"):
+            self._refuse("type")
+            return None, None
+
+        key = await self._verify_mac(msg)
+        if key is None:
+            self.stats.mac_failures += 1
+            metrics.MAC_FAILURES.labels(type=msg.type).inc()
+            current = await self._keys.current(msg.terminal_id)
+            return refusal(msg, RC.MAC_ERROR, "MAC error: sign on again"), current
+
+        age_s = (datetime.now(UTC) - msg.sent_at).total_seconds()
+        if age_s > self._max_age_s or age_s < -FUTURE_SKEW_S:
+            self._refuse("stale")
+            return refusal(msg, RC.INVALID_TXN, f"stale message (sent {age_s:.0f} s ago; limit {self._max_age_s} s)"), key
+
+        cache_key = f"{msg.terminal_id}:{msg.msg_id}"
+        cached = self._answers.get(cache_key)
+        if cached is not None:
+            self._refuse("replay")
+            return cached, key
+
+        if isinstance(msg, Heartbeat):
+            return None, None
+        try:
+            answer = await self._service.handle(msg)
+        except Exception:
+            log.exception("clearing service failed on %s", msg.type)
+            self.stats.errors += 1
+            return refusal(msg, RC.SYSTEM_ERROR, "system error"), key
+        if answer is None:
+            return None, None
+        self._answers[cache_key] = answer
+        if len(self._answers) > ANSWER_CACHE_ENTRIES:
+            self._answers.popitem(last=False)
+        return answer, key
+
+    async def _verify_mac(self, msg: Message) -> bytes | None:
+        for refresh in (False, True):
+            for key in await self._keys.candidates(msg.terminal_id, refresh=refresh):
+                if msg.mac_ok(key):
+                    return key
+        return None
+
+
+@contextlib.asynccontextmanager
+async def clearing_runtime(engine: AsyncEngine, url: str, *, issuer_keys: Any, key_source: TerminalKeySource,
+                           wkm: bytes, config: Any = None, embedded: bool = False, max_age_s: int = 300,
+                           name: str = "w0", grace_s: int = KEY_GRACE_S,
+                           ready_timeout_s: float = 10.0) -> AsyncIterator[ClearingWorker]:
+    """A clearing service plus one worker on ``url``, running until the block ends (tests, serve, demo)."""
+    from clearing.service import ClearingService
+
+    await ensure_schema(engine)
+    service = ClearingService(engine, issuer_keys, config)
+    async with service:
+        working = WorkingKeys(engine, wkm, grace_s=grace_s)
+        worker = ClearingWorker(url, service, working, SignOnService(key_source, working, wkm),
+                                max_age_s=max_age_s, embedded=embedded, name=name)
+        task = asyncio.create_task(worker.run(), name=f"clearing-worker-{name}")
+        try:
+            await asyncio.wait_for(worker.ready.wait(), ready_timeout_s)
+        except TimeoutError:
+            task.cancel()
+            raise ConnectionError(f"clearing worker could not subscribe on {url} within {ready_timeout_s} s") from None
+        sampler = asyncio.create_task(_sample_group_commit(service), name=f"group-commit-sampler-{name}")
+        try:
+            yield worker
+        finally:
+            sampler.cancel()
+            worker.stop()
+            await worker.drain()
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await sampler
+
+
+GROUP_COMMIT_SAMPLE_S = 0.5
+
+
+async def _sample_group_commit(service: Any) -> None:
+    """Feed ``carepay_group_commit_batch_size`` from the writer's counters (the writer keeps totals only):
+    each interval, every batch committed in it is observed at the interval's mean batch size."""
+    stats = getattr(getattr(service, "writer", None), "stats", None)
+    if stats is None:
+        return
+    last = [stats.batches, stats.requests]
+
+    def tick() -> None:
+        batches, requests = stats.batches - last[0], stats.requests - last[1]
+        last[:] = [stats.batches, stats.requests]
+        if batches > 0:
+            mean = requests / batches
+            for _ in range(batches):
+                metrics.GROUP_COMMIT_BATCH_SIZE.observe(mean)
+
+    try:
+        while True:
+            await asyncio.sleep(GROUP_COMMIT_SAMPLE_S)
+            tick()
+    finally:
+        tick()

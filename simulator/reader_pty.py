@@ -1,0 +1,242 @@
+"""The virtual serial reader on a pseudo-terminal (虚拟串口读卡器): card slot + PSAM slot behind real frames.
+
+``PtyReader`` opens a pty pair (``os.openpty``), puts it in raw mode and answers
+``protocol.reader_frame`` frames arriving on the master side; a terminal opens the slave path
+(printed by ``carepay sim reader --pty``) with the real serial driver, exactly as it would open
+``/dev/ttyUSB0``. The reader keeps the slave open itself, so terminals may come and go.
+
+- Card insert/remove (:meth:`insert`, :meth:`remove`) send an unsolicited event frame.
+- Link-speed emulation (``baud``): every frame costs ``len * 10 / baud`` seconds on the line
+  (8N1: 10 bit times a byte), in both directions, so timings look like a real 115200-baud reader.
+- Fault injection for tests: :meth:`inject_garbage` (bytes on the line), :meth:`truncate_next`
+  (the next answer is cut short), ``card.remove_after(n)`` (pull the card before the n-th APDU),
+  and the card's own tear hook (``VirtualCard.arm_tear``).
+- Control lines (``carepay sim reader`` reads them from stdin): ``insert N``, ``remove``,
+  ``remove-after N``, ``tear [INS]``, ``garbage HEX``, ``status``, ``quit``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import select
+import threading
+import time
+import tty
+from collections.abc import Callable
+
+from protocol import reader_frame as rf
+from protocol.channel import SLOT_CARD, SLOT_PSAM, CardRemoved, ChannelError
+from simulator.card import VirtualCard
+from simulator.cardfile import CardDeck
+from simulator.channel import SimSlot, SlotDevice
+
+POLL_INTERVAL_S = 0.05
+READ_CHUNK_BYTES = 4096
+BITS_PER_BYTE = 10  # 8N1
+LINK_SPIN_S = float(os.environ.get("SPIN", "0.0005"))  # link emulation: busy-wait this tail of each wait for timing accuracy
+
+
+def _wait(seconds: float) -> None:
+    """Sleep, then spin the last LINK_SPIN_S: OS sleeps on a VM overshoot by 0.1-0.5 ms, a UART does not."""
+    deadline = time.perf_counter() + seconds
+    if seconds > LINK_SPIN_S:
+        time.sleep(seconds - LINK_SPIN_S)
+    while time.perf_counter() < deadline:
+        pass
+
+
+class PtyReader:
+    """A virtual reader on a pty. ``start()`` serves in a daemon thread; ``serve_forever()`` in the caller's."""
+
+    def __init__(self, psam: SlotDevice, card: SlotDevice | None = None, *, baud: int | None = None,
+                 deck: CardDeck | None = None, log: Callable[[str], None] | None = None) -> None:
+        self.card = SimSlot("card", card)
+        self.psam = SimSlot("psam", psam)
+        self.deck = deck
+        self.baud = baud
+        self.log = log or (lambda _msg: None)
+        self.master_fd, self.slave_fd = os.openpty()
+        tty.setraw(self.slave_fd)
+        tty.setraw(self.master_fd)
+        os.set_blocking(self.master_fd, False)  # nobody listening: output is lost, as on a real UART
+        self.path = os.ttyname(self.slave_fd)
+        self.decoder = rf.FrameDecoder()
+        self.frames_in = 0
+        self.frames_out = 0
+        self.bytes_on_line = 0
+        self.bytes_dropped = 0
+        self._stop = threading.Event()
+        self._wlock = threading.Lock()
+        self._truncate_next = False
+        self._after: list[rf.Frame] = []
+        self._thread: threading.Thread | None = None
+
+    # --- lifecycle
+
+    def start(self) -> PtyReader:
+        self._thread = threading.Thread(target=self.serve_forever, name="pty-reader", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=2)
+
+    def close(self) -> None:
+        self.stop()
+        for fd in (self.master_fd, self.slave_fd):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    def __enter__(self) -> PtyReader:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- slots and events
+
+    def insert(self, card: VirtualCard | SlotDevice) -> None:
+        self.card.insert(card)
+        self._send(rf.response(rf.CMD_EVENT, SLOT_CARD, rf.STATUS_OK, bytes([rf.EVENT_INSERTED])))
+        self.log(f"card inserted: {card!r}")
+
+    def remove(self) -> None:
+        self.card.remove()
+        self._send(rf.response(rf.CMD_EVENT, SLOT_CARD, rf.STATUS_OK, bytes([rf.EVENT_REMOVED])))
+        self.log("card removed")
+
+    def inject_garbage(self, data: bytes) -> None:
+        """Write raw bytes on the line (noise the terminal must skip)."""
+        self._write(data)
+
+    def truncate_next(self) -> None:
+        """Cut the next answer frame in half (the terminal must time out and recover)."""
+        self._truncate_next = True
+
+    # --- serving
+
+    def _send(self, frame: rf.Frame, request_bytes: int = 0) -> None:
+        """Write one frame; with link emulation, first wait out the request's and this answer's line time."""
+        raw = rf.encode(frame)
+        if self._truncate_next and not frame.is_event:
+            self._truncate_next = False
+            raw = raw[: len(raw) // 2]
+        nbytes = request_bytes + len(raw)
+        self.bytes_on_line += nbytes
+        if self.baud:  # one wait per exchange: request in, processing, answer out
+            _wait(nbytes * BITS_PER_BYTE / self.baud)
+        self._write(raw)
+        self.frames_out += 1
+
+    def _write(self, raw: bytes) -> None:
+        with self._wlock:
+            try:
+                written = os.write(self.master_fd, raw)
+            except BlockingIOError:
+                written = 0
+            except OSError:
+                return
+        self.bytes_dropped += len(raw) - written
+
+    def serve_forever(self) -> None:
+        while not self._stop.is_set():
+            try:
+                ready, _, _ = select.select([self.master_fd], [], [], POLL_INTERVAL_S)
+                if not ready:
+                    continue
+                chunk = os.read(self.master_fd, READ_CHUNK_BYTES)
+            except OSError:
+                if self._stop.is_set():
+                    return
+                time.sleep(POLL_INTERVAL_S)
+                continue
+            for frame in self.decoder.feed(chunk):
+                self.frames_in += 1
+                try:
+                    answer = self.handle(frame)
+                except Exception as exc:  # a simulator bug must not kill the reader: the card goes mute
+                    self.log(f"error handling {frame!r}: {type(exc).__name__}")
+                    answer = rf.response(frame.command, frame.slot, rf.STATUS_CARD_MUTE)
+                if answer is not None:
+                    self._send(answer, request_bytes=len(frame.data) + rf.FRAME_OVERHEAD_BYTES + rf.MIN_BODY_BYTES)
+                while self._after:
+                    self._send(self._after.pop(0))
+
+    def handle(self, frame: rf.Frame) -> rf.Frame | None:
+        """The answer to one host frame (None for frames a reader ignores)."""
+        if frame.is_response:
+            return None
+        cmd = frame.command
+        if frame.slot == SLOT_CARD:
+            slot = self.card
+        elif frame.slot == SLOT_PSAM:
+            slot = self.psam
+        else:
+            return rf.response(cmd, frame.slot, rf.STATUS_BAD_SLOT)
+        if cmd == rf.CMD_STATUS:
+            presence = (rf.PRESENCE_POWERED if slot.powered else rf.PRESENCE_PRESENT) if slot.card_present() \
+                else rf.PRESENCE_ABSENT
+            return rf.response(cmd, frame.slot, rf.STATUS_OK, bytes([presence]))
+        if cmd == rf.CMD_POWER_OFF:
+            slot.power_off()
+            return rf.response(cmd, frame.slot)
+        if cmd == rf.CMD_POWER_ON:
+            try:
+                return rf.response(cmd, frame.slot, rf.STATUS_OK, slot.power_on())
+            except CardRemoved:
+                return rf.response(cmd, frame.slot, rf.STATUS_NO_CARD)
+        if cmd == rf.CMD_APDU:
+            was_present = slot.card_present()
+            try:
+                return rf.response(cmd, frame.slot, rf.STATUS_OK, slot.transmit(frame.data))
+            except CardRemoved:
+                if was_present:  # pulled during this command: tell the host after the answer
+                    self._after.append(rf.response(rf.CMD_EVENT, frame.slot, rf.STATUS_OK, bytes([rf.EVENT_REMOVED])))
+                return rf.response(cmd, frame.slot, rf.STATUS_NO_CARD)
+            except ChannelError:
+                return rf.response(cmd, frame.slot, rf.STATUS_NOT_POWERED)
+        return rf.response(cmd, frame.slot, rf.STATUS_UNKNOWN_COMMAND)
+
+    # --- control lines
+
+    def control(self, line: str) -> str:
+        """Apply one control line; returns a one-line reply."""
+        words = line.split()
+        if not words:
+            return ""
+        verb, args = words[0].lower(), words[1:]
+        try:
+            if verb == "insert":
+                if self.deck is None:
+                    return "error: no card deck loaded"
+                card = self.deck.find(args[0] if args else "0")
+                self.insert(card)
+                return f"inserted {card.label or card.app_serial.hex().upper()}"
+            if verb == "remove":
+                self.remove()
+                return "removed"
+            if verb == "remove-after":
+                self.card.remove_after(int(args[0]))
+                return f"card will be pulled before APDU {int(args[0])}"
+            if verb == "tear":
+                dev = self.card.device
+                if not isinstance(dev, VirtualCard):
+                    return "error: no card"
+                dev.arm_tear(int(args[0], 16) if args else None)
+                return "tear armed"
+            if verb == "garbage":
+                self.inject_garbage(bytes.fromhex(args[0]) if args else os.urandom(16))
+                return "garbage sent"
+            if verb == "status":
+                return (f"pty={self.path} card={'present' if self.card.card_present() else 'absent'} "
+                        f"frames_in={self.frames_in} frames_out={self.frames_out} "
+                        f"garbage_bytes={self.decoder.stats.garbage_bytes} bad_checksum={self.decoder.stats.bad_checksum}")
+            if verb == "quit":
+                self._stop.set()
+                return "bye"
+        except (ValueError, IndexError) as exc:
+            return f"error: {exc}"
+        return f"error: unknown control {verb!r} (insert N | remove | remove-after N | tear [INS] | garbage HEX | status | quit)"

@@ -1,0 +1,241 @@
+"""Serial reader driver (串口读卡器驱动): ``protocol.reader_frame`` frames over pyserial, one channel per slot.
+
+:class:`SerialReader` owns the port; ``reader.card`` and ``reader.psam`` are
+``protocol.channel.CardChannel`` objects sharing it (one exchange at a time, under a lock).
+
+- Every exchange has a deadline (``timeout_ms``); no answer → :class:`ChannelTimeout`.
+- Before each request, bytes already on the line are fed to the decoder (events are kept) and any
+  partial frame is dropped, so a truncated or garbled answer costs one timeout, never the session.
+- Unsolicited event frames (card inserted/removed) update :meth:`SerialReader.card_known_present`
+  and queue in :meth:`SerialReader.pop_events` whenever they arrive.
+- Reconnect: an I/O error closes the port; the next exchange reopens it (up to
+  ``reconnect_attempts``, ``reconnect_delay_ms`` apart). Status / power commands are retried once
+  over the new connection; an APDU never is (its effect on the card is unknown) — it raises
+  :class:`ReaderUnavailable`.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import serial
+
+from protocol import reader_frame as rf
+from protocol.channel import (
+    DEFAULT_APDU_TIMEOUT_MS,
+    SLOT_CARD,
+    SLOT_NAMES,
+    SLOT_PSAM,
+    CardRemoved,
+    ChannelError,
+    ChannelTimeout,
+    ReaderUnavailable,
+)
+
+DEFAULT_BAUD = 115_200
+READ_POLL_S = 0.05
+DEFAULT_RECONNECT_ATTEMPTS = 3
+DEFAULT_RECONNECT_DELAY_MS = 200
+MAX_QUEUED_EVENTS = 64
+
+
+class SerialChannel:
+    """One slot of a :class:`SerialReader`."""
+
+    def __init__(self, reader: SerialReader, slot: int) -> None:
+        self.reader = reader
+        self.slot = slot
+        self.name = SLOT_NAMES.get(slot, str(slot))
+
+    def _check(self, frame: rf.Frame, what: str) -> bytes:
+        if frame.status == rf.STATUS_OK:
+            return frame.data
+        if frame.status == rf.STATUS_NO_CARD:
+            raise CardRemoved(f"no card in the {self.name} slot ({what})")
+        if frame.status == rf.STATUS_CARD_MUTE:
+            raise ChannelTimeout(f"{self.name} card mute ({what})")
+        raise ChannelError(f"{self.name} slot: reader says {rf.STATUS_NAMES.get(frame.status or 0, frame.status)}"
+                           f" ({what})")
+
+    def power_on(self) -> bytes:
+        return self._check(self.reader.exchange(rf.CMD_POWER_ON, self.slot, idempotent=True), "power on")
+
+    def power_off(self) -> None:
+        try:
+            self.reader.exchange(rf.CMD_POWER_OFF, self.slot, idempotent=True)
+        except ChannelError:
+            pass
+
+    def transmit(self, apdu: bytes) -> bytes:
+        return self._check(self.reader.exchange(rf.CMD_APDU, self.slot, apdu), "APDU")
+
+    def card_present(self) -> bool:
+        data = self._check(self.reader.exchange(rf.CMD_STATUS, self.slot, idempotent=True), "status")
+        return bool(data) and data[0] != rf.PRESENCE_ABSENT
+
+
+class SerialReader:
+    """A framed serial reader with a card slot and a PSAM slot."""
+
+    def __init__(self, port: str, *, baud: int = DEFAULT_BAUD, timeout_ms: int = DEFAULT_APDU_TIMEOUT_MS,
+                 reconnect_attempts: int = DEFAULT_RECONNECT_ATTEMPTS,
+                 reconnect_delay_ms: int = DEFAULT_RECONNECT_DELAY_MS) -> None:
+        self.port = port
+        self.baud = baud
+        self.timeout_ms = timeout_ms
+        self.reconnect_attempts = reconnect_attempts
+        self.reconnect_delay_ms = reconnect_delay_ms
+        self.decoder = rf.FrameDecoder()
+        self._ser: serial.Serial | None = None
+        self._opened_before = False
+        self._lock = threading.Lock()
+        self._events: list[tuple[int, bool]] = []
+        self._present: dict[int, bool] = {}
+        self.card = SerialChannel(self, SLOT_CARD)
+        self.psam = SerialChannel(self, SLOT_PSAM)
+        self.stray_frames = 0
+        self.timeouts = 0
+        self.reconnects = 0
+        self.bytes_sent = 0
+        self.bytes_received = 0
+
+    def __repr__(self) -> str:
+        return f"SerialReader(port={self.port!r}, baud={self.baud}, open={self._ser is not None})"
+
+    def stats(self) -> dict[str, int]:
+        """Counters for a metrics exporter: frames, line damage, timeouts, reconnects, bytes."""
+        d = self.decoder.stats
+        return {"frames": d.frames, "garbage_bytes": d.garbage_bytes, "bad_checksum": d.bad_checksum,
+                "bad_end": d.bad_end, "oversize": d.oversize, "undersize": d.undersize,
+                "stray_frames": self.stray_frames, "timeouts": self.timeouts, "reconnects": self.reconnects,
+                "bytes_sent": self.bytes_sent, "bytes_received": self.bytes_received}
+
+    # --- port
+
+    def open(self) -> SerialReader:
+        with self._lock:
+            self._open_locked()
+        return self
+
+    def _open_locked(self) -> None:
+        last: Exception | None = None
+        for attempt in range(max(1, self.reconnect_attempts)):
+            try:
+                self._ser = serial.Serial(self.port, self.baud, timeout=READ_POLL_S, write_timeout=self.timeout_ms / 1000)
+                self.decoder.reset()
+                if self._opened_before:
+                    self.reconnects += 1
+                self._opened_before = True
+                return
+            except (serial.SerialException, OSError, ValueError) as exc:
+                last = exc
+                if attempt + 1 < self.reconnect_attempts:
+                    time.sleep(self.reconnect_delay_ms / 1000)
+        raise ReaderUnavailable(f"cannot open serial reader {self.port}: {last}")
+
+    def close(self) -> None:
+        with self._lock:
+            self._close_locked()
+
+    def _close_locked(self) -> None:
+        if self._ser is not None:
+            try:
+                self._ser.close()
+            except (serial.SerialException, OSError):
+                pass
+            self._ser = None
+
+    def __enter__(self) -> SerialReader:
+        return self.open()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- events
+
+    def _on_event(self, frame: rf.Frame) -> None:
+        inserted = bool(frame.data) and frame.data[0] == rf.EVENT_INSERTED
+        self._present[frame.slot] = inserted
+        if len(self._events) < MAX_QUEUED_EVENTS:
+            self._events.append((frame.slot, inserted))
+
+    def pop_events(self) -> list[tuple[int, bool]]:
+        """Events seen so far as ``(slot, inserted)``, oldest first; clears the queue."""
+        with self._lock:
+            out, self._events = self._events, []
+            return out
+
+    def card_known_present(self, slot: int = SLOT_CARD) -> bool | None:
+        """What the last event said about the slot (None before any event)."""
+        return self._present.get(slot)
+
+    def poll_events(self) -> list[tuple[int, bool]]:
+        """Read whatever is on the line now (no request sent) and return the queued events."""
+        with self._lock:
+            if self._ser is not None:
+                try:
+                    self._drain_locked()
+                except (serial.SerialException, OSError):
+                    self._close_locked()
+            out, self._events = self._events, []
+            return out
+
+    # --- exchange
+
+    def _drain_locked(self) -> None:
+        assert self._ser is not None
+        waiting = self._ser.in_waiting
+        if waiting:
+            data = self._ser.read(waiting)
+            self.bytes_received += len(data)
+            for frame in self.decoder.feed(data):
+                if frame.is_event:
+                    self._on_event(frame)
+                else:
+                    self.stray_frames += 1
+        self.decoder.reset()
+
+    def exchange(self, cmd: int, slot: int, data: bytes = b"", *, idempotent: bool = False) -> rf.Frame:
+        """Send one request, return the matching answer frame; ChannelTimeout / ReaderUnavailable."""
+        with self._lock:
+            for attempt in (0, 1):
+                if self._ser is None:
+                    self._open_locked()
+                try:
+                    return self._exchange_locked(cmd, slot, data)
+                except (serial.SerialException, OSError) as exc:
+                    self._close_locked()
+                    if not idempotent or attempt:
+                        raise ReaderUnavailable(f"serial link to {self.port} lost ({type(exc).__name__}); "
+                                                "the command's effect is unknown") from None
+            raise ReaderUnavailable(f"serial link to {self.port} lost")  # pragma: no cover
+
+    def _exchange_locked(self, cmd: int, slot: int, data: bytes) -> rf.Frame:
+        ser = self._ser
+        assert ser is not None
+        self._drain_locked()
+        raw = rf.encode(rf.request(cmd, slot, data))
+        ser.write(raw)
+        self.bytes_sent += len(raw)
+        want = cmd | rf.RESPONSE_BIT
+        deadline = time.monotonic() + self.timeout_ms / 1000
+        while True:
+            chunk = ser.read(max(1, ser.in_waiting))
+            if chunk:
+                self.bytes_received += len(chunk)
+                answer = None
+                for frame in self.decoder.feed(chunk):  # every frame of the chunk: events may follow the answer
+                    if frame.is_event:
+                        self._on_event(frame)
+                    elif answer is None and frame.cmd == want and frame.slot == slot:
+                        answer = frame
+                    else:
+                        self.stray_frames += 1
+                if answer is not None:
+                    return answer
+            if time.monotonic() >= deadline:
+                self.timeouts += 1
+                self.decoder.reset()
+                raise ChannelTimeout(f"no answer from the reader on {self.port} within {self.timeout_ms} ms "
+                                     f"({rf.COMMANDS.get(cmd, cmd)}, {SLOT_NAMES.get(slot, slot)} slot)")

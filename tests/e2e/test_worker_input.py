@@ -1,0 +1,81 @@
+"""The worker's handling of bad input: any payload on an up topic gives a refusal or nothing, never a crash."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from clearing.worker import ClearingWorker, _terminal_of
+from protocol.messages import RC, Heartbeat, Purchase, now_utc
+
+
+class NoKeys:
+    """A terminal that never signed on: no working keys."""
+
+    async def candidates(self, terminal_id: str, refresh: bool = False) -> list[bytes]:
+        return []
+
+    async def current(self, terminal_id: str) -> bytes | None:
+        return None
+
+
+class MustNotBeCalled:
+    async def handle(self, msg: object) -> None:
+        raise AssertionError("nothing may reach the clearing service without a good MAC")
+
+
+def _worker() -> ClearingWorker:
+    return ClearingWorker("mqtt://127.0.0.1:1", MustNotBeCalled(), NoKeys(), None)  # type: ignore[arg-type]
+
+
+TOPIC = "carepay/v1/term/T0000001/up"
+json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=20),
+                           lambda kids: st.lists(kids, max_size=4) | st.dictionaries(st.text(max_size=10), kids,
+                                                                                     max_size=6), max_leaves=20)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.one_of(st.binary(max_size=400), json_values.map(lambda v: json.dumps(v).encode())))
+def test_garbage_is_refused_quietly(payload: bytes) -> None:
+    worker = _worker()
+    answer, key = asyncio.run(worker._answer(TOPIC, payload))
+    assert answer is None and key is None
+    assert worker.stats.refused == 1
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.sampled_from(["purchase", "void", "refund", "reversal", "batch_settle", "heartbeat", "sign_on_ok"]),
+       st.text(alphabet="0123456789ABCDEF", max_size=16))
+def test_messages_without_a_good_mac_are_answered_a0_or_dropped(kind: str, mac: str) -> None:
+    worker = _worker()
+    base = {"type": kind, "terminal_id": "T0000001", "msg_id": uuid.uuid4().hex, "sent_at": now_utc().isoformat(),
+            "mac": mac}
+    answer, _ = asyncio.run(worker._answer(TOPIC, json.dumps(base).encode()))
+    if answer is not None:
+        assert answer.response_code == RC.MAC_ERROR  # type: ignore[attr-defined]
+
+
+def test_topic_must_name_the_sender() -> None:
+    worker = _worker()
+    hb = Heartbeat(terminal_id="T0000002", msg_id=uuid.uuid4().hex, sent_at=now_utc())
+    answer, _ = asyncio.run(worker._answer(TOPIC, hb.to_json()))
+    assert answer is None and worker.stats.refused == 1
+    assert _terminal_of("carepay/v1/term/T0000001/up") == "T0000001"
+    assert _terminal_of("carepay/v1/term/T0000001/down") is None and _terminal_of("x/y") is None
+
+
+def test_a_purchase_without_keys_gets_a0_and_never_reaches_the_service() -> None:
+    from protocol.messages import CardProof
+
+    p = Purchase(terminal_id="T0000001", msg_id=uuid.uuid4().hex, sent_at=now_utc(), provider_id="P110105V0000001",
+                 batch_no="000001", trace_no="000001", program="voucher", service_category="meal", amount_fen=100,
+                 card=CardProof(card_no="6218880000000000015", app_serial="0001000000000001", key_version=1, atc=1,
+                                ttn=1, txn_date="20260301", txn_time="100000", tac="00000000")).signed(bytes(16))
+    worker = _worker()
+    answer, _ = asyncio.run(worker._answer(TOPIC, p.to_json()))
+    assert answer is not None and answer.response_code == RC.MAC_ERROR and answer.orig_msg_id == p.msg_id
+    assert worker.stats.mac_failures == 1
