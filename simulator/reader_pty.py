@@ -34,7 +34,7 @@ from simulator.channel import SimSlot, SlotDevice
 POLL_INTERVAL_S = 0.05
 READ_CHUNK_BYTES = 4096
 BITS_PER_BYTE = 10  # 8N1
-LINK_SPIN_S = float(os.environ.get("SPIN", "0.0005"))  # link emulation: busy-wait this tail of each wait for timing accuracy
+LINK_SPIN_S = 0.0005  # link emulation: busy-wait this tail of each wait for timing accuracy
 
 
 def _wait(seconds: float) -> None:

@@ -8,6 +8,9 @@
   partial frame is dropped, so a truncated or garbled answer costs one timeout, never the session.
 - Unsolicited event frames (card inserted/removed) update :meth:`SerialReader.card_known_present`
   and queue in :meth:`SerialReader.pop_events` whenever they arrive.
+- pyserial opens and configures the port (baud, 8N1, raw); the exchange itself reads and writes the
+  port's file descriptor with ``select`` — pyserial's ``read``/``write`` add a select and an ioctl per
+  call, which on a pty doubled the cost of an exchange.
 - Reconnect: an I/O error closes the port; the next exchange reopens it (up to
   ``reconnect_attempts``, ``reconnect_delay_ms`` apart). Status / power commands are retried once
   over the new connection; an APDU never is (its effect on the card is unknown) — it raises
@@ -16,6 +19,8 @@
 
 from __future__ import annotations
 
+import os
+import select
 import threading
 import time
 
@@ -35,6 +40,7 @@ from protocol.channel import (
 
 DEFAULT_BAUD = 115_200
 READ_POLL_S = 0.05
+READ_CHUNK_BYTES = 4096
 DEFAULT_RECONNECT_ATTEMPTS = 3
 DEFAULT_RECONNECT_DELAY_MS = 200
 MAX_QUEUED_EVENTS = 64
@@ -183,11 +189,43 @@ class SerialReader:
 
     # --- exchange
 
-    def _drain_locked(self) -> None:
+    # --- raw I/O on the port pyserial opened and configured (hot path: pyserial's own read/write add a select
+    # and an ioctl per call, which doubles the per-exchange cost on a pty)
+
+    def _fd(self) -> int:
         assert self._ser is not None
-        waiting = self._ser.in_waiting
-        if waiting:
-            data = self._ser.read(waiting)
+        return self._ser.fileno()
+
+    def _read_now(self, fd: int, *, ready: bool = False) -> bytes:
+        """Whatever the port holds now, without waiting (pyserial leaves VMIN=0: an empty read means "nothing").
+
+        ``ready``: select said readable; then an empty read means the device is gone (as pyserial judges it).
+        """
+        try:
+            data = os.read(fd, READ_CHUNK_BYTES)
+        except BlockingIOError:
+            return b""
+        if not data and ready:
+            raise OSError("serial port readable but returned no data (device disconnected?)")
+        return data
+
+    def _write_all(self, fd: int, raw: bytes, deadline: float) -> None:
+        view = memoryview(raw)
+        while view:
+            try:
+                n = os.write(fd, view)
+                view = view[n:]
+            except BlockingIOError:
+                left = deadline - time.monotonic()
+                if left <= 0 or not select.select([], [fd], [], left)[1]:
+                    raise ChannelTimeout(f"serial port {self.port} does not take data (write timeout)") from None
+
+    def _drain_locked(self) -> None:
+        fd = self._fd()
+        while True:
+            data = self._read_now(fd)
+            if not data:
+                break
             self.bytes_received += len(data)
             for frame in self.decoder.feed(data):
                 if frame.is_event:
@@ -212,30 +250,31 @@ class SerialReader:
             raise ReaderUnavailable(f"serial link to {self.port} lost")  # pragma: no cover
 
     def _exchange_locked(self, cmd: int, slot: int, data: bytes) -> rf.Frame:
-        ser = self._ser
-        assert ser is not None
+        fd = self._fd()
         self._drain_locked()
         raw = rf.encode(rf.request(cmd, slot, data))
-        ser.write(raw)
+        deadline = time.monotonic() + self.timeout_ms / 1000
+        self._write_all(fd, raw, deadline)
         self.bytes_sent += len(raw)
         want = cmd | rf.RESPONSE_BIT
-        deadline = time.monotonic() + self.timeout_ms / 1000
         while True:
-            chunk = ser.read(max(1, ser.in_waiting))
-            if chunk:
-                self.bytes_received += len(chunk)
-                answer = None
-                for frame in self.decoder.feed(chunk):  # every frame of the chunk: events may follow the answer
-                    if frame.is_event:
-                        self._on_event(frame)
-                    elif answer is None and frame.cmd == want and frame.slot == slot:
-                        answer = frame
-                    else:
-                        self.stray_frames += 1
-                if answer is not None:
-                    return answer
-            if time.monotonic() >= deadline:
+            left = deadline - time.monotonic()
+            if left <= 0:
                 self.timeouts += 1
                 self.decoder.reset()
                 raise ChannelTimeout(f"no answer from the reader on {self.port} within {self.timeout_ms} ms "
                                      f"({rf.COMMANDS.get(cmd, cmd)}, {SLOT_NAMES.get(slot, slot)} slot)")
+            if not select.select([fd], [], [], left)[0]:
+                continue
+            chunk = self._read_now(fd, ready=True)
+            self.bytes_received += len(chunk)
+            answer = None
+            for frame in self.decoder.feed(chunk):  # every frame of the chunk: events may follow the answer
+                if frame.is_event:
+                    self._on_event(frame)
+                elif answer is None and frame.cmd == want and frame.slot == slot:
+                    answer = frame
+                else:
+                    self.stray_frames += 1
+            if answer is not None:
+                return answer
