@@ -274,7 +274,7 @@ async def main() -> None:
             await engine.dispose()
             if got > rate:
                 rate, info = got, got_info
-        e2e = await run_service(Path(d) / "service.db", 1_000 if args.quick else 5_000)
+        e2e = await run_service(Path(d) / "service.db", 2_000 if args.quick else 5_000)
     pg = None
     if not args.no_pg and pg_up():
         pg = await bench_pg(args.pg_url, work)

@@ -5,11 +5,15 @@ writer task takes up to :data:`GROUP_COMMIT_MAX_BATCH` of them, waiting at most
 :data:`GROUP_COMMIT_WINDOW_MS` after the first, and in ONE write transaction:
 
 1. loads what the batch needs set-based — existing journal rows for its keys
-   (duplicates), originals of voids/refunds/reversals, reversal tombstones, used card
-   counters, and the accounts (``FOR UPDATE`` in id order on PostgreSQL, so several
+   (duplicates), originals of voids/refunds/reversals, reversal tombstones; then, for
+   requests that carry an ``auth`` context, the authorisation pipeline's snapshot
+   (cards, terminals, providers: one query each) and its static participants (registry
+   checks, TAC verification) — see :class:`Authoriser`; then used card counters, and the
+   accounts (``FOR UPDATE`` in id order on PostgreSQL, so several
    worker processes never double-spend; SQLite has one writer via ``BEGIN IMMEDIATE``);
 2. resolves each posting's business date against the settlement windows;
-3. applies the requests in arrival order in memory — de-duplication, tombstones,
+3. applies the requests in arrival order in memory — de-duplication, the pipeline's
+   stateful participants (card counter, balance, original of a void/refund), tombstones,
    card-counter replay, void/refund/reversal rules, and the balance check (a
    beneficiary account never goes below zero: the request is declined ``51``);
 4. asserts the batch invariants (Σ debits = Σ credits; no beneficiary negative);
@@ -36,10 +40,10 @@ import secrets
 import sqlite3
 import time as _time
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
-from typing import Any
+from typing import Any, Protocol
 
 from sqlalchemy import bindparam, or_, select, update
 from sqlalchemy.engine import Connection
@@ -60,7 +64,7 @@ from clearing.db import (
     sqlite_datetime,
     write_transaction,
 )
-from clearing.pipeline import metrics
+from clearing.pipeline import dedupe, metrics
 from clearing.schema import FLAG_NO_OVERDRAFT, accounts, card_counters, host_txns, transfers
 from clearing.windows import MAX_CLOSED_DAYS_SKIPPED, Cutoff, resolve_business_dates_sync
 
@@ -134,6 +138,7 @@ class TxnRequest:
     credit: str | None = None  # PURCHASE/ADVICE: provider payable code
     counter: tuple[str, int] | None = None  # (card_no, atc) the card's TAC used
     orig_key: str | None = None  # REVERSAL: txn_key of the purchase it undoes
+    auth: Any = None  # clearing.pipeline.context.AuthContext: run the participants in the batch (see Authoriser)
     future: asyncio.Future[TxnOutcome] | None = field(default=None, repr=False)
 
 
@@ -149,7 +154,7 @@ class TxnOutcome:
         return self.row["response_code"] == "00"
 
 
-@dataclass
+@dataclass(slots=True)
 class _Acct:
     id: int
     code: str
@@ -183,13 +188,37 @@ def _auth_codes(n: int) -> list[str]:
     return [f"{int.from_bytes(raw[i:i + 4], 'big') % 1_000_000:06d}" for i in range(0, 4 * n, 4)]
 
 
+class Authoriser(Protocol):
+    """The authorisation pipeline as the writer drives it (:class:`clearing.pipeline.chain.BatchAuthoriser`).
+
+    For the requests of a batch that carry ``auth`` (an ``AuthContext``) and are not duplicates:
+    ``load`` reads what the participants need set-based (``select`` is the batch store's
+    multi-``IN`` query), ``screen`` runs the participants over registry data and the message,
+    ``settle`` the ones over the batch's running state (at the request's turn, in arrival order).
+    """
+
+    def load(self, select: Any, ctxs: list[Any]) -> Any: ...
+
+    def screen(self, ctx: Any, snap: Any) -> tuple[str, str] | None: ...
+
+    def settle(self, ctx: Any, snap: Any) -> tuple[str, str] | None: ...
+
+
 class _Batch:
     """The in-memory state machine for one batch (runs in the sync greenlet of the write transaction)."""
 
-    def __init__(self, store: _SaStore | _RawSqliteStore, reqs: list[TxnRequest], cutoff: Cutoff):
+    def __init__(self, store: _SaStore | _RawSqliteStore, reqs: list[TxnRequest], cutoff: Cutoff,
+                 authoriser: Authoriser | None = None):
         self.store = store
         self.reqs = reqs
         self.cutoff = cutoff
+        self.authoriser = authoriser
+        # per-attempt decisions (a retried batch starts again from the requests as submitted)
+        self.decl: list[tuple[str, str] | None] = [r.decline for r in reqs]
+        self.ctr: list[tuple[str, int] | None] = [r.counter for r in reqs]
+        self.snap: Any = None
+        self.screened: set[int] = set()
+        self.prescreened = False
         self.now = datetime.now(UTC)
         self.by_key: dict[str, dict[str, Any]] = {}  # txn_key -> journal row (stored or new in this batch)
         self.by_msg: dict[str, dict[str, Any]] = {}
@@ -241,9 +270,11 @@ class _Batch:
             for tid, dr, cr in st.select(
                     "SELECT id, debit_account_id, credit_account_id FROM transfers WHERE id {IN}", [(tids, "bigint")]):
                 self.transfer_accounts[int(tid)] = (int(dr), int(cr))
+        if not self.prescreened:
+            self._screen(lambda r: dedupe.find(self.by_key, self.by_msg, r.txn_key, r.msg_key) is not None)
         # card counters: used values and the highest per card (gaps), one round trip
-        ckeys = [f"{r.counter[0]}:{r.counter[1]}" for r in self.reqs if r.counter]
-        cards = list({r.counter[0] for r in self.reqs if r.counter})
+        ckeys = [f"{c[0]}:{c[1]}" for c in self.ctr if c]
+        cards = list({c[0] for c in self.ctr if c})
         if ckeys:
             for tag, key, atc in st.select(
                     "SELECT 'used', counter_key, 0 FROM card_counters WHERE counter_key {IN1} "
@@ -254,14 +285,61 @@ class _Batch:
                 else:
                     self.max_atc[key] = int(atc)
         # accounts, locked in id order (PostgreSQL) so concurrent workers serialise on shared accounts
-        live = [r for r in self.reqs if r.decline is None]  # declined requests move no money: no accounts
+        live = [r for r, d in zip(self.reqs, self.decl, strict=True) if d is None]  # declined: no money, no accounts
         codes = {r.debit for r in live if r.debit} | {r.credit for r in live if r.credit}
         ids = sorted({a for pair in self.transfer_accounts.values() for a in pair})
         self._lock_accounts(codes, ids)
-        missing = [code for code in codes if code not in self.accts]
+        # a card account the pipeline checks is never created here: missing, the balance participant declines 51
+        optional = {r.debit for r in live if r.auth is not None}
+        missing = [code for code in codes if code not in self.accts and code not in optional]
         if missing:
             st.ensure_accounts(missing)
             self._lock_accounts(set(missing), [])
+
+    def prescreen(self) -> None:
+        """The screen before the write lock is taken (SQLite: before ``BEGIN IMMEDIATE``), so another worker
+        process is not kept waiting while this one verifies cryptograms; stored duplicates are found first
+        (one query) and skipped. ``load`` then re-checks duplicates authoritatively inside the transaction."""
+        if self.authoriser is None or not any(r.auth is not None and d is None
+                                              for r, d in zip(self.reqs, self.decl, strict=True)):
+            return
+        keys, msgs = list({r.txn_key for r in self.reqs}), list({r.msg_key for r in self.reqs})
+        stored_keys: set[str] = set()
+        stored_msgs: set[str] = set()
+        for k, m in self.store.select("SELECT txn_key, msg_key FROM host_txns WHERE txn_key {IN1} "
+                                      "UNION ALL SELECT txn_key, msg_key FROM host_txns WHERE msg_key {IN2}",
+                                      [(keys, "text"), (msgs, "text")]):
+            stored_keys.add(k)
+            stored_msgs.add(m)
+        self._screen(lambda r: r.txn_key in stored_keys or r.msg_key in stored_msgs)
+        self.prescreened = True
+
+    def _screen(self, stored_dup: Callable[[TxnRequest], bool]) -> None:
+        """De-duplicate, load the snapshot and run the static participants for the requests that carry ``auth``."""
+        if self.authoriser is None:
+            return
+        todo: list[int] = []
+        seen_keys: set[str] = set()
+        seen_msgs: set[str] = set()
+        for i, r in enumerate(self.reqs):
+            dup = r.txn_key in seen_keys or r.msg_key in seen_msgs or stored_dup(r)
+            seen_keys.add(r.txn_key)
+            seen_msgs.add(r.msg_key)
+            if r.auth is not None and self.decl[i] is None and not dup:
+                todo.append(i)
+        if not todo:
+            return
+        self.snap = self.authoriser.load(self.store.select, [self.reqs[i].auth for i in todo])
+        self.snap.batch = self
+        for i in todo:
+            ctx = self.reqs[i].auth
+            ctx.counter = None
+            decline = self.authoriser.screen(ctx, self.snap)
+            if decline is not None:
+                self.decl[i] = (decline[0], decline[1])
+            if self.reqs[i].txn_type in DEBIT_TYPES:
+                self.ctr[i] = ctx.counter  # set once the cryptogram verified, declined later or not
+            self.screened.add(i)
 
     def _lock_accounts(self, codes: set[str], ids: list[int]) -> None:
         if not codes and not ids:
@@ -286,14 +364,14 @@ class _Batch:
         nominal = [memo.get(r.received_at) or memo.setdefault(r.received_at, self.cutoff.business_date(r.received_at))
                    for r in self.reqs]
         effective = self.store.resolve_dates(nominal)
-        n_posting = sum(1 for r in self.reqs if r.decline is None)
+        n_posting = sum(1 for d in self.decl if d is None)
         ids = self.store.allocate({"rrn": len(self.reqs), "transfer_id": n_posting})
         rrns = iter(ids.get("rrn", []))
         tids = iter(ids.get("transfer_id", []))
         self._codes = iter(_auth_codes(len(self.reqs)))
         out: list[TxnOutcome | BaseException] = []
         for i, req in enumerate(self.reqs):
-            dup = self.by_key.get(req.txn_key) or self.by_msg.get(req.msg_key)
+            dup = dedupe.find(self.by_key, self.by_msg, req.txn_key, req.msg_key)
             if dup is not None:
                 if dup["request_hash"] != req.request_hash:
                     out.append(IdempotencyConflict(req.txn_key, dup))
@@ -301,13 +379,22 @@ class _Batch:
                     out.append(TxnOutcome(dup, duplicate=True))
                 continue
             row = self._new_row(req, f"{next(rrns):012d}", effective[nominal[i]])
-            if req.decline is None:
-                self._decide(req, row, tids)
+            decline, counter = self.decl[i], self.ctr[i]
+            if decline is None and req.auth is not None and self.authoriser is not None:
+                if i not in self.screened:  # cannot happen: a non-duplicate with ``auth`` is always screened
+                    decline = ("96", "not authorised")
+                else:
+                    d = self.authoriser.settle(req.auth, self.snap)
+                    decline = None if d is None else (d[0], d[1])
+                    if req.txn_type in DEBIT_TYPES:
+                        counter = req.auth.counter
+            if decline is None:
+                self._decide(req, row, tids, counter)
             else:
-                row["response_code"], row["message"] = req.decline
-                if req.counter and row["response_code"] != "59":  # the card's TAC verified: its counter is spent
-                    self._counter_ok(req, row)
-                    row["response_code"], row["message"] = req.decline
+                row["response_code"], row["message"] = decline
+                if counter and row["response_code"] != "59":  # the card's TAC verified: its counter is spent
+                    self._counter_ok(counter, row)
+                    row["response_code"], row["message"] = decline
             if row["response_code"] != "00":
                 row["status"] = row["status"] if row["status"] == REVERSED else FAILED
                 row["auth_code"] = None
@@ -327,10 +414,10 @@ class _Batch:
                    review_reason=req.review_reason, created_at=self.now)
         return row
 
-    def _counter_ok(self, req: TxnRequest, row: dict[str, Any]) -> bool:
-        if not req.counter:
+    def _counter_ok(self, counter: tuple[str, int] | None, row: dict[str, Any]) -> bool:
+        if not counter:
             return True
-        card_no, atc = req.counter
+        card_no, atc = counter
         key = f"{card_no}:{atc}"
         if key in self.used_counters:
             row["response_code"], row["message"] = "59", "card counter replayed"
@@ -342,9 +429,10 @@ class _Batch:
         self.new_counters.append((key, card_no, atc, gap, row["rrn"], self.now))
         return True
 
-    def _decide(self, req: TxnRequest, row: dict[str, Any], tids: Iterable[int]) -> None:
+    def _decide(self, req: TxnRequest, row: dict[str, Any], tids: Iterable[int],
+                counter: tuple[str, int] | None) -> None:
         if req.txn_type in DEBIT_TYPES:
-            if not self._counter_ok(req, row):
+            if not self._counter_ok(counter, row):
                 return
             if req.txn_key in self.tombstones:
                 row["status"], row["response_code"], row["message"] = REVERSED, "12", "reversed before it arrived"
@@ -596,11 +684,14 @@ class _RawSqliteStore:
         self.raw.executemany("UPDATE host_txns SET status = ? WHERE id = ?", [(v, k) for k, v in updates])
 
 
-def _run_raw_sqlite(raw: Any, dialect: Any, reqs: list[TxnRequest], cutoff: Cutoff) -> list[TxnOutcome | BaseException]:
+def _run_raw_sqlite(raw: Any, dialect: Any, reqs: list[TxnRequest], cutoff: Cutoff,
+                    authoriser: Authoriser | None = None) -> list[TxnOutcome | BaseException]:
     """One whole batch in the aiosqlite thread: BEGIN IMMEDIATE … COMMIT on the raw connection."""
+    batch = _Batch(_RawSqliteStore(raw, dialect), reqs, cutoff, authoriser)
+    batch.prescreen()  # autocommit reads: registry snapshot and cryptograms before the write lock
     raw.execute("BEGIN IMMEDIATE")
     try:
-        out = _run_batch(_RawSqliteStore(raw, dialect), reqs, cutoff)
+        out = _finish_batch(batch)
         raw.execute("COMMIT")
     except BaseException:
         if raw.in_transaction:
@@ -609,9 +700,12 @@ def _run_raw_sqlite(raw: Any, dialect: Any, reqs: list[TxnRequest], cutoff: Cuto
     return out
 
 
-def _run_batch(store: _SaStore | _RawSqliteStore, reqs: list[TxnRequest],
-               cutoff: Cutoff) -> list[TxnOutcome | BaseException]:
-    batch = _Batch(store, reqs, cutoff)
+def _run_batch(store: _SaStore | _RawSqliteStore, reqs: list[TxnRequest], cutoff: Cutoff,
+               authoriser: Authoriser | None = None) -> list[TxnOutcome | BaseException]:
+    return _finish_batch(_Batch(store, reqs, cutoff, authoriser))
+
+
+def _finish_batch(batch: _Batch) -> list[TxnOutcome | BaseException]:
     batch.load()
     out = batch.apply()
     batch.check_invariants()
@@ -619,17 +713,20 @@ def _run_batch(store: _SaStore | _RawSqliteStore, reqs: list[TxnRequest],
     return out
 
 
-def run_batch_sync(conn: Connection, reqs: list[TxnRequest], cutoff: Cutoff) -> list[TxnOutcome | BaseException]:
-    """Apply and write one batch inside the caller's write transaction (the writer's unit of work)."""
-    return _run_batch(_SaStore(conn), reqs, cutoff)
+def run_batch_sync(conn: Connection, reqs: list[TxnRequest], cutoff: Cutoff,
+                   authoriser: Authoriser | None = None) -> list[TxnOutcome | BaseException]:
+    """Authorise, apply and write one batch inside the caller's write transaction (the writer's unit of work)."""
+    return _run_batch(_SaStore(conn), reqs, cutoff, authoriser)
 
 
 class GroupCommitWriter:
     """One writer task per process: queue, batch, post, resolve each request's future."""
 
     def __init__(self, engine: AsyncEngine, cutoff: Cutoff | None = None, *,
-                 window_ms: float = GROUP_COMMIT_WINDOW_MS, max_batch: int = GROUP_COMMIT_MAX_BATCH):
+                 window_ms: float = GROUP_COMMIT_WINDOW_MS, max_batch: int = GROUP_COMMIT_MAX_BATCH,
+                 authoriser: Authoriser | None = None):
         self.engine = engine
+        self.authoriser = authoriser
         self.cutoff = cutoff or Cutoff()
         self.window_s = window_ms / 1000.0
         self.max_batch = max_batch
@@ -704,9 +801,10 @@ class GroupCommitWriter:
             async with self.engine.connect() as conn:
                 driver = (await conn.get_raw_connection()).driver_connection
                 if hasattr(driver, "_execute") and hasattr(driver, "_conn"):
-                    return await driver._execute(_run_raw_sqlite, driver._conn, conn.dialect, batch, self.cutoff)
+                    return await driver._execute(_run_raw_sqlite, driver._conn, conn.dialect, batch, self.cutoff,
+                                                 self.authoriser)
         async with write_transaction(self.engine) as conn:
-            return await conn.run_sync(run_batch_sync, batch, self.cutoff)
+            return await conn.run_sync(run_batch_sync, batch, self.cutoff, self.authoriser)
 
     async def _write(self, batch: list[TxnRequest]) -> list[TxnOutcome | BaseException]:
         for attempt in range(BATCH_RETRIES):

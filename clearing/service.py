@@ -6,7 +6,9 @@
 
 The MQTT side verifies the MAC and handles sign-on and heartbeats before calling
 ``handle``, and signs the answer (``answer.signed(tak)``). ``handle`` is safe to call
-from many coroutines at once: their postings are group-committed. It never raises
+from many coroutines at once: the group-commit writer authorises and posts their messages
+per batch (:class:`clearing.pipeline.chain.BatchAuthoriser`: one set-based snapshot load and
+the participants as plain functions, inside the batch's one driver call). It never raises
 for a bad or refused message — every outcome is an answer with a response code.
 """
 
@@ -35,8 +37,8 @@ from clearing.ledger import (
     TxnRequest,
 )
 from clearing.pipeline import metrics
-from clearing.pipeline.chain import run_chain
-from clearing.pipeline.context import TXN_TYPE_OF, AuthContext, Decline, body_hash, txn_key
+from clearing.pipeline.chain import BatchAuthoriser
+from clearing.pipeline.context import TXN_TYPE_OF, AuthContext, Decline, body_hash, parse_card_time, txn_key
 from clearing.schema import batch_settlements, host_txns
 from clearing.windows import Cutoff, resolve_business_dates_sync
 from keys.issuer import IssuerKeySet
@@ -94,7 +96,7 @@ class ClearingService:
         self.keysets = {ks.suite.value: ks for ks in sets}
         self.clock = clock or (lambda: datetime.now(UTC))
         self.writer = GroupCommitWriter(engine, cfg.cutoff, window_ms=cfg.group_commit_window_ms,
-                                        max_batch=cfg.group_commit_max_batch)
+                                        max_batch=cfg.group_commit_max_batch, authoriser=BatchAuthoriser(self.keysets))
 
     async def start(self) -> None:
         await self.writer.start()
@@ -136,7 +138,7 @@ class ClearingService:
             return msg.approved_at.astimezone(UTC)
         if card is not None:
             try:
-                local = datetime.strptime(card.txn_date + card.txn_time, "%Y%m%d%H%M%S")
+                local = parse_card_time(card.txn_date, card.txn_time)
                 return local.replace(tzinfo=ZoneInfo(self.config.timezone)).astimezone(UTC)
             except ValueError:
                 return received
@@ -147,30 +149,22 @@ class ClearingService:
         received = self.clock()
         key = txn_key(msg.terminal_id, msg.batch_no, msg.trace_no, txn_type)
         card_no = msg.card.card_no if hasattr(msg, "card") else msg.card_no
-        async with self.engine.connect() as conn:
-            ctx = AuthContext(msg=msg, txn_type=txn_type, received_at=received, conn=conn, keysets=self.keysets,
-                              txn_key=key, msg_key=f"{msg.terminal_id}:{msg.msg_id}", request_hash=body_hash(msg),
-                              txn_time=self._txn_time(msg, received))
-            decline: Decline | None
-            if txn_type in ("PURCHASE", "ADVICE") and not _valid_card_time(msg):
-                decline = Decline("12", "bad transaction date or time")
-            else:
-                decline = await run_chain(ctx)
-        if ctx.replay is not None:
-            return self._answer(msg, ctx.replay)
-        if decline is not None and decline.rc == "94":
-            return self._conflict(msg)
+        ctx = AuthContext(msg=msg, txn_type=txn_type, received_at=received, keysets=self.keysets,
+                          txn_key=key, msg_key=f"{msg.terminal_id}:{msg.msg_id}", request_hash=body_hash(msg),
+                          txn_time=self._txn_time(msg, received))
+        decline: Decline | None = None
+        if txn_type in ("PURCHASE", "ADVICE") and not _valid_card_time(msg):
+            decline = Decline("12", "bad transaction date or time")
         row = {"provider_id": msg.provider_id, "terminal_id": msg.terminal_id, "batch_no": msg.batch_no,
                "trace_no": msg.trace_no, "program": getattr(msg, "program", None), "card_no": card_no,
                "amount_fen": msg.amount_fen, "txn_time": ctx.txn_time, "msg_id": msg.msg_id,
                "service_category": getattr(msg, "service_category", None), "orig_rrn": getattr(msg, "orig_rrn", None)}
         req = TxnRequest(txn_type=txn_type, txn_key=key, msg_key=ctx.msg_key, request_hash=ctx.request_hash,
-                         received_at=received, row=row, decline=tuple(decline) if decline else None)
+                         received_at=received, row=row, decline=tuple(decline) if decline else None,
+                         auth=ctx)  # the writer runs the participants for its whole batch (BatchAuthoriser)
         if txn_type in ("PURCHASE", "ADVICE") and decline is None:
             req.debit = card_account(card_no, msg.program)
             req.credit = provider_payable(msg.provider_id)
-        if txn_type in ("PURCHASE", "ADVICE"):
-            req.counter = ctx.counter  # set once the cryptogram verified, declined or not
         if txn_type == "REVERSAL":
             req.orig_key = txn_key(msg.terminal_id, msg.batch_no, msg.orig_trace_no, "PURCHASE")
         try:
@@ -269,7 +263,7 @@ async def _host_totals(conn: Any, terminal_id: str, batch_no: str) -> BatchTotal
 
 def _valid_card_time(msg: Any) -> bool:
     try:
-        datetime.strptime(msg.card.txn_date + msg.card.txn_time, "%Y%m%d%H%M%S")
+        parse_card_time(msg.card.txn_date, msg.card.txn_time)
     except ValueError:
         return False
     return True

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from clearing.lifecycle import get_card
 from clearing.pipeline.context import AuthContext, Decline
+from clearing.pipeline.snapshot import Snapshot
 
 NAME = "card_status"
 
 
-async def prepare(ctx: AuthContext) -> Decline | None:
-    card = await get_card(ctx.conn, ctx.msg.card.card_no)
+def check(ctx: AuthContext, snap: Snapshot) -> Decline | None:
+    card = snap.cards.get(ctx.msg.card.card_no)
     if card is None:
         return Decline("14", "unknown card")
     ctx.card = card

@@ -1,4 +1,5 @@
-"""What the authorisation participants share for one message (授权上下文)."""
+"""What the authorisation participants share for one message (授权上下文); the data they read is in the
+batch snapshot (:mod:`clearing.pipeline.snapshot`)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,6 @@ import json
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, NamedTuple
-
-from sqlalchemy.ext.asyncio import AsyncConnection
 
 from keys.issuer import IssuerKeySet
 from protocol.messages import Message
@@ -30,6 +29,21 @@ def txn_key(terminal_id: str, batch_no: str, trace_no: str, txn_type: str) -> st
     return f"{terminal_id}:{batch_no}:{trace_no}:{txn_type}"
 
 
+def parse_card_time(ymd: str, hms: str = "000000") -> datetime:
+    """The card's local ``YYYYMMDD`` + ``HHMMSS`` as a naive datetime; ``ValueError`` when it is not a real instant.
+
+    The same result as ``datetime.strptime(ymd + hms, "%Y%m%d%H%M%S")``, without its regex machinery
+    for the usual 14 ASCII digits (that costs ~20 µs a message on the hot path).
+    """
+    s = ymd + hms
+    if len(s) == 14 and s.isascii() and s.isdigit():
+        try:
+            return datetime(int(s[0:4]), int(s[4:6]), int(s[6:8]), int(s[8:10]), int(s[10:12]), int(s[12:14]))
+        except ValueError:
+            pass
+    return datetime.strptime(s, "%Y%m%d%H%M%S")
+
+
 def body_hash(msg: Message) -> str:
     """SHA-256 of the message body without ``msg_id``, ``sent_at`` and ``mac``: a retry hashes the same."""
     body = msg.model_dump(mode="json", exclude=HASH_EXCLUDE)
@@ -41,7 +55,6 @@ class AuthContext:
     msg: Any  # Purchase | OfflineAdvice | Void | Refund | Reversal
     txn_type: str
     received_at: datetime
-    conn: AsyncConnection
     keysets: dict[str, IssuerKeySet]
     txn_key: str
     msg_key: str

@@ -13,6 +13,7 @@ import logging
 
 from clearing.pipeline import metrics
 from clearing.pipeline.context import AuthContext, Decline
+from clearing.pipeline.snapshot import Snapshot
 from keys.cryptogram import cryptogram_data, verify_tac
 from keys.suite import CryptoError
 from protocol.ids import mask_card_no
@@ -28,7 +29,7 @@ def _forgery(ctx: AuthContext, why: str) -> Decline:
     return Decline("59", "cryptogram invalid (suspected forgery)")
 
 
-async def prepare(ctx: AuthContext) -> Decline | None:
+def check(ctx: AuthContext, snap: Snapshot) -> Decline | None:
     proof, card = ctx.msg.card, ctx.card
     if proof.app_serial != card.app_serial:
         return _forgery(ctx, "serial_mismatch")

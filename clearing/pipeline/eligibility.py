@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-from datetime import datetime
-
-from clearing.pipeline.context import AuthContext, Decline
+from clearing.pipeline.context import AuthContext, Decline, parse_card_time
+from clearing.pipeline.snapshot import Snapshot
 
 NAME = "eligibility"
 
 
-async def prepare(ctx: AuthContext) -> Decline | None:
-    txn_date = datetime.strptime(ctx.msg.card.txn_date, "%Y%m%d").date()
+def check(ctx: AuthContext, snap: Snapshot) -> Decline | None:
+    txn_date = parse_card_time(ctx.msg.card.txn_date).date()
     if txn_date > ctx.card.valid_until:
         return Decline("54", "eligibility expired")
     return None

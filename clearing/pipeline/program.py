@@ -6,11 +6,12 @@
 from __future__ import annotations
 
 from clearing.pipeline.context import AuthContext, Decline
+from clearing.pipeline.snapshot import Snapshot
 
 NAME = "program"
 
 
-async def prepare(ctx: AuthContext) -> Decline | None:
+def check(ctx: AuthContext, snap: Snapshot) -> Decline | None:
     program = ctx.msg.program
     needed = "voucher" if program == "restricted" else program
     if needed not in ctx.card.programs:

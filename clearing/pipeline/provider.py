@@ -7,13 +7,13 @@ suspended and withdrawn (清退) providers are declined. Restricted money is vou
 from __future__ import annotations
 
 from clearing.pipeline.context import AuthContext, Decline
-from clearing.registry import get_provider
+from clearing.pipeline.snapshot import Snapshot
 
 NAME = "provider"
 
 
-async def prepare(ctx: AuthContext) -> Decline | None:
-    p = await get_provider(ctx.conn, ctx.msg.provider_id)
+def check(ctx: AuthContext, snap: Snapshot) -> Decline | None:
+    p = snap.providers.get(ctx.msg.provider_id)
     if p is None:
         return Decline("58", "provider not registered")
     ctx.provider = p

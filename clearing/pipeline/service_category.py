@@ -4,12 +4,13 @@
 from __future__ import annotations
 
 from clearing.pipeline.context import AuthContext, Decline
+from clearing.pipeline.snapshot import Snapshot
 from clearing.registry import RESTRICTED_SERVICE_CATEGORIES
 
 NAME = "service_category"
 
 
-async def prepare(ctx: AuthContext) -> Decline | None:
+def check(ctx: AuthContext, snap: Snapshot) -> Decline | None:
     category = ctx.msg.service_category
     if ctx.msg.program == "restricted" and category not in RESTRICTED_SERVICE_CATEGORIES:
         return Decline("57", f"restricted account cannot pay for {category}")

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from clearing.pipeline.context import AuthContext, Decline
-from clearing.registry import get_terminal
+from clearing.pipeline.snapshot import Snapshot
 
 NAME = "terminal"
 
 
-async def prepare(ctx: AuthContext) -> Decline | None:
-    t = await get_terminal(ctx.conn, ctx.msg.terminal_id)
+def check(ctx: AuthContext, snap: Snapshot) -> Decline | None:
+    t = snap.terminals.get(ctx.msg.terminal_id)
     if t is None:
         return Decline("58", "terminal not registered")
     if t.status != "active":

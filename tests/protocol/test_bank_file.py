@@ -11,7 +11,6 @@ import polars as pl
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from tests.protocol.strategies_files import bank_details
 
 from protocol.files.bank_file import (
     DEFAULT_LAYOUT,
@@ -30,6 +29,7 @@ from protocol.files.bank_file import (
 )
 from protocol.files.fields import Date, Pattern
 from protocol.files.layout import RecordLayout
+from tests.protocol.strategies_files import bank_details
 
 CST = timezone(timedelta(hours=8))
 DAY = date(2026, 1, 15)

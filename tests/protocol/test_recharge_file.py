@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from tests.protocol.strategies_files import recharge_lines
 
 from protocol.files.recharge import (
     LAYOUT,
@@ -20,6 +19,7 @@ from protocol.files.recharge import (
     write_recharge,
 )
 from protocol.ids import make_card_no, make_id_no
+from tests.protocol.strategies_files import recharge_lines
 
 HEADER = "batch_id,card_no,id_no,program,amount_fen,period,expires_on"
 CARD = make_card_no("621700", 42)

@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from tests.protocol.strategies_files import journal_rows, settlement_rows
 
 from protocol.files.journal import (
     JournalFileError,
@@ -26,6 +25,7 @@ from protocol.files.settlement import (
     parse_settlement,
     write_settlement,
 )
+from tests.protocol.strategies_files import journal_rows, settlement_rows
 
 CST = timezone(timedelta(hours=8))
 SETTLEMENT_HEADER = (
