@@ -807,11 +807,12 @@ class GroupCommitWriter:
             return await conn.run_sync(run_batch_sync, batch, self.cutoff, self.authoriser)
 
     async def _write(self, batch: list[TxnRequest]) -> list[TxnOutcome | BaseException]:
+        retryable = _retryable_errors()
         for attempt in range(BATCH_RETRIES):
             t0 = _time.perf_counter()
             try:
                 results = await self._write_once(batch)
-            except (DBAPIError, sqlite3.OperationalError) as exc:  # unique race/deadlock/busy: reload, retry
+            except retryable as exc:  # unique race/deadlock/busy: reload, retry
                 self.stats.retries += 1
                 if attempt == BATCH_RETRIES - 1:
                     raise
@@ -828,6 +829,17 @@ class GroupCommitWriter:
             return results
         raise LedgerError("unreachable")
 
+
+def _retryable_errors() -> tuple[type[BaseException], ...]:
+    """Errors after which a batch is reloaded and retried: a unique-key race between workers, a deadlock,
+    a serialisation failure or a busy database. The PostgreSQL batch path calls asyncpg directly, so its
+    errors arrive as ``asyncpg.PostgresError`` rather than SQLAlchemy's ``DBAPIError``."""
+    errors: tuple[type[BaseException], ...] = (DBAPIError, sqlite3.OperationalError)
+    try:
+        import asyncpg
+    except ImportError:  # the 'pg' extra is optional
+        return errors
+    return (*errors, asyncpg.PostgresError)
 
 
 # --- direct postings for bulk work (recharge, card lifecycle, expiry, rollover, migration) ------------

@@ -20,6 +20,40 @@ app = typer.Typer(
     add_completion=False,
 )
 
+class _Stderr:
+    """Writes to whatever ``sys.stderr`` is at the moment of writing (test runners swap it per invocation)."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
+def setup_logging() -> None:
+    """Route every log line through ops.logging (masking processor) to stderr, from the effective settings.
+
+    stdout stays for results (``--json`` output is never interleaved with log lines). A settings file or
+    environment that does not validate falls back to the defaults here; the verb reports it when it loads them.
+    """
+    from ops.logging import configure_logging
+
+    try:
+        from ops.config import load_settings
+
+        settings = load_settings()
+        json_logs, level = settings.log_json, settings.log_level
+    except Exception:
+        json_logs, level = False, "INFO"
+    configure_logging(json=json_logs, level=level, stream=_Stderr())  # type: ignore[arg-type]
+
+
+@app.callback()
+def _startup() -> None:
+    """Runs once before any verb (not for ``--help``)."""
+    setup_logging()
+
+
 # One module per group of verbs; each registers its own commands.
 COMMAND_MODULES = (
     "ops.cli_demo",

@@ -16,6 +16,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
@@ -269,9 +270,10 @@ async def _terminal_run(opts: dict[str, Any]) -> int:
                                    offline_floor_limit_fen=ts.offline_floor_limit_fen,
                                    offline_max_per_card=ts.offline_max_per_card, heartbeat_s=ts.heartbeat_s)
     from ops.cli_terminal import open_reader
+    from ops.metrics import observe_terminal_outcome, refresh_terminal_gauges
 
     terminal_id = opts["terminal_id"]
-    reader = open_reader(opts["reader"], cards=opts["cards"], card_ref=opts["card"])
+    reader = open_reader(opts["reader"], cards=opts["cards"], card_ref=opts["card"], terminal_id=terminal_id)
     journal_path = opts["journal"] or ts.journal_path or str(settings.data_dir / "terminals" /
                                                                f"journal-{terminal_id}.db")
     identity = _terminal_identity(terminal_id, opts["provider_id"], opts["keystore"], settings)
@@ -292,13 +294,22 @@ async def _terminal_run(opts: dict[str, Any]) -> int:
                     print(f"carepay: host not reachable on {opts['mqtt']}: working offline", file=sys.stderr)
                 aid = bytes.fromhex(settings.card.aid_hex)
 
+                def observed(out: Any, started: float) -> None:
+                    """The terminal's metrics: one count (and the time it took) per outcome, the queue gauges."""
+                    observe_terminal_outcome(out.kind, out.state, time.perf_counter() - started)
+                    refresh_terminal_gauges(journal, link.connected)
+
+                refresh_terminal_gauges(journal, link.connected)
+
                 async def charge(amount: int, program: str, category: str, pin: str | None,
                                  record: bool = True) -> str:
                     session = CardSession(reader.card, psam, aid, pin_threshold_fen=settings.card.pin_threshold_fen)
+                    started = time.perf_counter()
                     try:
                         out = await agent.purchase(session, program, amount, service_category=category, pin=pin)
                     finally:
                         session.close()
+                    observed(out, started)
                     if record:
                         results.append({"outcome": out.to_dict(), "receipt": agent.receipt(out)})
                     return agent.receipt(out)
@@ -307,12 +318,16 @@ async def _terminal_run(opts: dict[str, Any]) -> int:
                     if opts["amount"] is not None:
                         await charge(opts["amount"], opts["program"], opts["category"], opts["pin"])
                     if opts["void"]:
+                        started = time.perf_counter()
                         out = await agent.void(opts["void"])
+                        observed(out, started)
                         results.append({"outcome": out.to_dict(), "receipt": agent.receipt(out)})
                     if opts["refund"]:
                         if opts["refund_amount"] is None:
                             raise BadInput("--refund needs --refund-amount FEN")
+                        started = time.perf_counter()
                         out = await agent.refund(opts["refund"], opts["refund_amount"])
+                        observed(out, started)
                         results.append({"outcome": out.to_dict(), "receipt": agent.receipt(out)})
                     if opts["settle"]:
                         s = await agent.settle()
@@ -324,6 +339,7 @@ async def _terminal_run(opts: dict[str, Any]) -> int:
                 except (HostTimeout, HostUnavailable) as exc:
                     raise CarepayError(f"host not reachable: {exc}") from None
                 with_backlog = journal.backlog()
+                refresh_terminal_gauges(journal, link.connected)
                 await agent.stop()
     finally:
         reader.close()
@@ -350,6 +366,8 @@ async def _terminal_run(opts: dict[str, Any]) -> int:
 
 async def _interactive(agent: Any, charge: Any, opts: dict[str, Any]) -> None:
     """A small operator prompt: purchase / void / refund / settle / journal / quit."""
+    from ops.metrics import observe_terminal_outcome
+
     help_text = ("commands: buy FEN [PROGRAM] [CATEGORY] | void TRACE | refund RRN FEN | settle | journal | "
                  "flush | quit")
     print(help_text)
@@ -366,10 +384,14 @@ async def _interactive(agent: Any, charge: Any, opts: dict[str, Any]) -> None:
                 print(await charge(int(args[0]), args[1] if len(args) > 1 else opts["program"],
                                    args[2] if len(args) > 2 else opts["category"], opts["pin"], record=False))
             elif cmd == "void" and args:
+                started = time.perf_counter()
                 out = await agent.void(args[0])
+                observe_terminal_outcome(out.kind, out.state, time.perf_counter() - started)
                 print(agent.receipt(out))
             elif cmd == "refund" and len(args) == 2:
+                started = time.perf_counter()
                 out = await agent.refund(args[0], int(args[1]))
+                observe_terminal_outcome(out.kind, out.state, time.perf_counter() - started)
                 print(agent.receipt(out))
             elif cmd == "settle":
                 s = await agent.settle()

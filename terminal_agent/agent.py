@@ -8,12 +8,23 @@ Rules it keeps (DESIGN.md "Terminal ↔ clearing protocol"):
 - a purchase without a (trusted) answer within the timeout is reversed (冲正) automatically; the
   reversal is retried until the host acknowledges it; a card step that fails after approval
   reverses the purchase too;
+- a purchase answered ``96`` (system error) is an UNKNOWN outcome, not a decline: the host may have
+  posted it (e.g. two clearing workers racing on a duplicate delivery), so it is reversed like a
+  timeout and the operator is told the charge was not completed;
+- a torn card transaction (撕卡) whose cryptogram the card no longer holds (``recovery_unavailable``)
+  is resolved from the journal — the record of everything that could have reached the host — and
+  the card's pending record is cleared so the card can be used again;
 - when the host cannot be reached at all (the message never left), purchases under the floor
   limit — and under the per-card offline count — are approved offline with the card's
   cryptogram and uploaded as offline advices (离线通知) when the link returns; above it they are
   declined with a clear message;
 - batch settle (批结算) sends counts and totals; if the host disagrees, the batch details follow
   (批上送) and the differences come back.
+
+Metrics: the agent sets the backlog and offline gauges itself; transaction counts and round trips
+(``carepay_terminal_transactions`` / ``carepay_terminal_round_trip_seconds``) are observed ONCE per outcome
+by the process running the agent (``ops.metrics.observe_terminal_outcome``: ``carepay terminal run``,
+the demo), never here as well, so they are not counted twice.
 
 Card work (APDUs, synchronous) runs in a worker thread unless ``card_in_thread`` is off (the
 load generator multiplexes many simulated terminals on one loop).
@@ -23,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import uuid
@@ -58,7 +70,13 @@ from protocol.messages import (
     now_utc,
 )
 from terminal_agent import metrics
-from terminal_agent.card_session import CardSession, CardSessionError, CardTransaction, PendingCryptogram
+from terminal_agent.card_session import (
+    CardSession,
+    CardSessionError,
+    CardTransaction,
+    PendingCryptogram,
+    Reason,
+)
 from terminal_agent.host_client import HostClient, HostTimeout, HostUnavailable
 from terminal_agent.journal import Journal, JournalRow
 from terminal_agent.receipt import ReceiptData, render_receipt
@@ -74,6 +92,9 @@ MAX_FLUSH_ITEMS = 500
 REVERSAL_DONE_CODES = frozenset({RC.APPROVED, RC.ORIGINAL_NOT_FOUND, RC.DUPLICATE})
 """A reversal answered with these needs no retry: undone, never posted, or already reversed."""
 RETRY_CODES = frozenset({RC.SYSTEM_ERROR, RC.MAC_ERROR})
+UNKNOWN_OUTCOME_CODES = frozenset({RC.SYSTEM_ERROR})
+"""A purchase answered with these may or may not have been posted: it is reversed, never taken as a decline."""
+NOT_COMPLETED = "charge not completed (扣款未完成)"
 DEFAULT_SERVICE_CATEGORY = "home_care"
 
 T = TypeVar("T")
@@ -298,7 +319,7 @@ class TerminalAgent:
         try:
             if not card_started:
                 await self._card(session.start)
-            txn = await self._recover_torn(session)
+            txn, note = await self._recover_torn(session)
             recovered = txn is not None
             if txn is None:
                 txn = await self._card(session.authorize, amount_fen, program, pin=pin,
@@ -308,19 +329,69 @@ class TerminalAgent:
             return TxnOutcome("purchase", False, "card_declined", batch, "", amount_fen, program, card_no,
                               exc.response_code, str(exc))
         outcome = await self.authorise(txn, service_category=service_category, session=session)
-        metrics.TERMINAL_TXNS.labels(type=outcome.kind, outcome=outcome.state).inc()
         if recovered:
             outcome = TxnOutcome(**{**outcome.__dict__,
                                     "message": ("recovered an interrupted transaction: " + outcome.message).strip()})
+        elif note:
+            outcome = TxnOutcome(**{**outcome.__dict__, "message": f"{note}; {outcome.message}".strip("; ")})
         return outcome
 
-    async def _recover_torn(self, session: CardSession) -> CardTransaction | None:
+    async def _recover_torn(self, session: CardSession) -> tuple[CardTransaction | None, str]:
+        """The interrupted transaction of the card in ``session``, if the card still holds its cryptogram.
+
+        Returns ``(txn, "")`` to send ``txn`` to the host, ``(None, note)`` when there is nothing to
+        send (``note`` says how the interrupted transaction ended, empty when there was none).
+        """
         pending = self.journal.pending_card()
         if not pending or session.info is None or pending.get("app_serial") != session.info.app_serial:
-            return None
-        txn = await self._card(session.recover, PendingCryptogram.from_dict(pending))
+            return None, ""
+        record = PendingCryptogram.from_dict(pending)
+        try:
+            txn = await self._card(session.recover, record)
+        except CardSessionError as exc:
+            if exc.reason is not Reason.RECOVERY_UNAVAILABLE:
+                raise
+            note = await self._resolve_unrecoverable(record, session)
+            self.journal.set_pending_card(None)
+            return None, note
         self.journal.set_pending_card(None)
-        return txn
+        return txn, ""
+
+    async def _resolve_unrecoverable(self, record: PendingCryptogram, session: CardSession) -> str:
+        """The card counted a cryptogram it no longer holds: settle it by what could have reached the host.
+
+        The journal is written before any message leaves, so a purchase the host can have is in it:
+        approved (or offline/advised) → kept, the card's log completed; waiting for its reversal →
+        the reversal queue decides; declined/reversed → nothing charged. Not in the journal at all →
+        it never left the terminal: recorded as ``cancelled`` (failed, no charge).
+        """
+        row = self.journal.find_card_txn(record.card_no, ttn=record.ttn, atc=record.expected_atc)
+        if row is None:
+            trace, msg_id = self.journal.next_trace_no(), _msg_id()
+            text = (f"interrupted transaction (card counter {record.expected_atc}) could not be recovered from the "
+                    f"card and never reached the host: failed, no charge")
+            self.journal.record(msg_id=msg_id, kind="purchase", state="cancelled", batch_no=self.journal.batch_no,
+                                trace_no=trace, amount_fen=record.amount_fen, program=record.program,
+                                card_no=record.card_no, request_json=json.dumps({"interrupted": record.to_dict()}))
+            self.journal.set_state(msg_id, "cancelled", text)
+            log.warning("torn transaction unrecoverable on the card, not in the journal: cancelled (trace %s)", trace)
+            return text
+        if row.state in ("approved", "offline", "advised"):
+            req = Purchase.model_validate_json(row.request_json)
+            c = req.card
+            txn = CardTransaction(c.card_no, c.app_serial, c.key_version, c.suite, req.program, req.amount_fen, c.atc,
+                                  c.ttn, record.terminal_id, c.txn_date, c.txn_time, c.tac, record.pin_verified, True)
+            try:
+                await self._card(session.complete, txn, resume=True)
+            except CardSessionError as exc:
+                return (f"interrupted transaction trace {row.trace_no} stands (host record kept); the card's log "
+                        f"could not be written ({exc.reason.value})")
+            return f"interrupted transaction trace {row.trace_no} stands (host record kept)"
+        if row.state in ("pending", "reversing"):
+            if row.state == "pending":  # sent, answer never recorded: unknown outcome, reverse it
+                self._queue_reversal(row, "timeout")
+            return f"interrupted transaction trace {row.trace_no}: {NOT_COMPLETED}, it is being reversed"
+        return f"interrupted transaction trace {row.trace_no} ended {row.state}: no charge"
 
     def _purchase_message(self, txn: CardTransaction, trace_no: str, service_category: str) -> Purchase:
         proof = CardProof(card_no=txn.card_no, app_serial=txn.app_serial, key_version=txn.key_version,
@@ -351,9 +422,7 @@ class TerminalAgent:
         try:
             if self._tak is None:
                 raise HostUnavailable("not signed on")
-            started = asyncio.get_running_loop().time()
             answer = await self.host.request(msg, self.settings.answer_timeout_s)
-            metrics.TERMINAL_ROUND_TRIP.labels(type="purchase").observe(asyncio.get_running_loop().time() - started)
             metrics.TERMINAL_OFFLINE.set(0)
         except HostUnavailable as exc:
             metrics.TERMINAL_OFFLINE.set(1)
@@ -368,8 +437,18 @@ class TerminalAgent:
         if answer is None:
             await self._reverse(msg, "timeout")
             return TxnOutcome(**base, approved=False, state="reversing", response_code=None,
-                              message="no answer from the host in time: the purchase is being reversed")
+                              message=f"{NOT_COMPLETED}: no (verifiable) answer from the host in time; the "
+                                      f"purchase is being reversed")
         assert isinstance(answer, TxnResult)
+        if answer.response_code in UNKNOWN_OUTCOME_CODES:
+            # the host may have posted it all the same: an unknown outcome, reversed like a lost answer
+            self.journal.answer(msg.msg_id, state="reversing", response_code=answer.response_code,
+                                answer_json=answer.to_json().decode(),
+                                message=f"host answered {answer.response_code}: outcome unknown, reversing")
+            await self._reverse(msg, "timeout")
+            return TxnOutcome(**base, approved=False, state="reversing", response_code=answer.response_code,
+                              message=f"{NOT_COMPLETED}: host system error ({answer.response_code}); the "
+                                      f"purchase is being reversed")
         if not answer.approved:
             self.journal.answer(msg.msg_id, state="declined", response_code=answer.response_code,
                                 answer_json=answer.to_json().decode(), message=answer.message)
@@ -556,9 +635,19 @@ class TerminalAgent:
         if not (isinstance(answer, TxnResult) and self._trusted(answer)):
             return TxnOutcome(**base, approved=False, state="pending",
                               message="the host's answer could not be verified; it will be retried")
+        if answer.response_code in RETRY_CODES:
+            # 96: the host may have posted it (outcome unknown); A0: it did not check. Either way the row
+            # stays pending and the same trace is retransmitted; the host answers a retransmission with
+            # its first recorded answer, so the journal ends up agreeing with the host.
+            if answer.response_code == RC.MAC_ERROR:
+                self._tak = None
+            self.journal.answer(signed.msg_id, state="pending", response_code=answer.response_code,
+                                answer_json=answer.to_json().decode(),
+                                message=f"host answered {answer.response_code}: will be retried")
+            return TxnOutcome(**base, approved=False, state="pending", response_code=answer.response_code,
+                              message=f"host answered {answer.response_code} ({RC.describe(answer.response_code)}):"
+                                      f" not completed yet; it will be retried automatically")
         self._record_answer(signed.msg_id, answer)
-        if answer.response_code == RC.MAC_ERROR:
-            self._tak = None
         return TxnOutcome(**base, approved=answer.approved, state="approved" if answer.approved else "declined",
                           response_code=answer.response_code,
                           message=answer.message or RC.describe(answer.response_code), rrn=answer.rrn,
@@ -573,9 +662,7 @@ class TerminalAgent:
         msg = Void(terminal_id=self.terminal_id, msg_id=_msg_id(), sent_at=now_utc(),
                    provider_id=self.identity.provider_id, batch_no=batch, trace_no=self.journal.next_trace_no(),
                    orig_rrn=orig.rrn, orig_trace_no=orig.trace_no, card_no=orig.card_no, amount_fen=orig.amount_fen)
-        out = await self._simple("void", msg, orig.program)
-        metrics.TERMINAL_TXNS.labels(type="void", outcome=out.state).inc()
-        return out
+        return await self._simple("void", msg, orig.program)
 
     async def refund(self, orig_rrn: str, amount_fen: int, *, card_no: str | None = None) -> TxnOutcome:
         """退货 all or part of an earlier purchase (any day) by its RRN."""
@@ -586,9 +673,7 @@ class TerminalAgent:
         msg = Refund(terminal_id=self.terminal_id, msg_id=_msg_id(), sent_at=now_utc(),
                      provider_id=self.identity.provider_id, batch_no=self.journal.batch_no,
                      trace_no=self.journal.next_trace_no(), orig_rrn=orig_rrn, card_no=card, amount_fen=amount_fen)
-        out = await self._simple("refund", msg, orig.program if orig else None)
-        metrics.TERMINAL_TXNS.labels(type="refund", outcome=out.state).inc()
-        return out
+        return await self._simple("refund", msg, orig.program if orig else None)
 
     # --- heartbeat and settlement -------------------------------------------------------------------------
 

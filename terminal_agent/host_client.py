@@ -8,7 +8,8 @@ simulator multiplexes a whole fleet of terminals over one link.
 
 :class:`HostClient` is one terminal's view: ``await host.request(msg, timeout_s)``
 publishes on ``carepay/v1/term/<id>/up`` and returns the parsed answer, or raises
-:class:`HostTimeout` (sent or maybe sent, no answer in time — the caller reverses) or
+:class:`HostTimeout` (sent or maybe sent, no answer in time or an answer naming it that cannot be
+parsed — the outcome is unknown, the caller reverses) or
 :class:`HostUnavailable` (certainly not sent: no connection — the caller may go offline).
 MAC checks on answers belong to the agent, which holds the keys.
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 from collections.abc import Iterable
 from types import TracebackType
@@ -138,8 +140,9 @@ class HostLink:
             return
         try:
             msg = parse_message(bytes(payload))
-        except MessageError:
+        except MessageError as exc:
             self.bad_answers += 1
+            self._fail_unreadable(bytes(payload), exc)
             return
         orig = getattr(msg, "orig_msg_id", None) or msg.msg_id  # an echo (benchmark baseline) names itself
         fut = self._pending.get(orig) if orig else None
@@ -147,6 +150,18 @@ class HostLink:
             fut.set_result(msg)
         # an answer nobody waits for (a duplicate, or one that came after the timeout) is dropped:
         # the journal already moved on (the reversal covers it)
+
+    def _fail_unreadable(self, payload: bytes, exc: MessageError) -> None:
+        """An answer naming a waiting request that cannot be parsed: its outcome is unknown NOW (no need to wait
+        out the timeout); the request fails with :class:`HostTimeout`, so a purchase is reversed at once."""
+        try:
+            doc = json.loads(payload)
+        except ValueError:
+            return
+        orig = doc.get("orig_msg_id") if isinstance(doc, dict) else None
+        fut = self._pending.get(orig) if isinstance(orig, str) else None
+        if fut is not None and not fut.done():
+            fut.set_exception(HostTimeout(f"the host's answer could not be read ({str(exc)[:80]}); outcome unknown"))
 
     async def request(self, msg: Message, timeout_s: float) -> Message:
         """Publish ``msg`` (already MAC'd) and wait for the answer naming it."""
@@ -193,6 +208,18 @@ class HostClient:
         self.link = link
         self.terminal_id = terminal_id
         link.add_terminal(terminal_id)
+
+    def _fail_unreadable(self, payload: bytes, exc: MessageError) -> None:
+        """An answer naming a waiting request that cannot be parsed: its outcome is unknown NOW (no need to wait
+        out the timeout); the request fails with :class:`HostTimeout`, so a purchase is reversed at once."""
+        try:
+            doc = json.loads(payload)
+        except ValueError:
+            return
+        orig = doc.get("orig_msg_id") if isinstance(doc, dict) else None
+        fut = self._pending.get(orig) if isinstance(orig, str) else None
+        if fut is not None and not fut.done():
+            fut.set_exception(HostTimeout(f"the host's answer could not be read ({str(exc)[:80]}); outcome unknown"))
 
     async def request(self, msg: Message, timeout_s: float) -> Message:
         if msg.terminal_id != self.terminal_id:

@@ -15,7 +15,10 @@ States of a row (``state``):
 - ``reversed``     the reversal was acknowledged by the host;
 - ``offline``      approved locally under the floor limit, advice not yet accepted;
 - ``advised``      the host accepted the offline advice (``advice_rc`` 00);
-- ``advice_declined`` the host refused the advice (the money is the provider's risk).
+- ``advice_declined`` the host refused the advice (the money is the provider's risk);
+- ``cancelled``    ended on the terminal, nothing charged: an offline approval whose card step
+                   failed, or a torn card transaction that never reached the host and whose
+                   cryptogram the card no longer holds (failed, no charge).
 
 Reversal rows (``kind='reversal'``) are ``queued`` until the host answers, then ``acked``.
 The signed request is kept (``request_json``). A retransmission (reversal retry, offline advice,
@@ -42,7 +45,7 @@ MAX_BATCH_NO = 999_999
 JOURNAL_SCHEMA_VERSION = 1
 
 KINDS = ("purchase", "void", "refund", "reversal", "offline_purchase")
-FINAL_STATES = frozenset({"approved", "declined", "reversed", "advised", "advice_declined", "acked"})
+FINAL_STATES = frozenset({"approved", "declined", "reversed", "advised", "advice_declined", "acked", "cancelled"})
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -247,6 +250,19 @@ class Journal:
                 params.append(val)
         sql = "SELECT * FROM txns" + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY id"
         return [JournalRow(**dict(r)) for r in self._exec(sql, tuple(params)).fetchall()]
+
+    def find_card_txn(self, card_no: str, *, ttn: int, atc: int) -> JournalRow | None:
+        """The purchase (online or offline) made with the card's cryptogram of ``atc`` at PSAM trace ``ttn``."""
+        rows = self._exec("SELECT * FROM txns WHERE card_no = ? AND kind IN ('purchase', 'offline_purchase')"
+                          " ORDER BY id DESC", (card_no,)).fetchall()
+        for r in rows:
+            try:
+                card = json.loads(r["request_json"]).get("card") or {}
+            except (ValueError, AttributeError):
+                continue
+            if card.get("ttn") == ttn and card.get("atc") == atc:
+                return JournalRow(**dict(r))
+        return None
 
     def to_offline(self, msg_id: str, auth_code: str) -> None:
         """A purchase that never left (link down) becomes an offline approval, advice to upload later."""

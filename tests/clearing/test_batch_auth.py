@@ -151,3 +151,39 @@ async def test_several_services_on_postgresql_never_double_spend(pg_url: str, ke
             await e.dispose()
         await engine.dispose()
         await drop_pg_schema(pg_url, schema)
+
+
+@pytest.mark.pg
+async def test_duplicate_raced_by_two_services_on_postgresql_gets_the_first_answer(pg_url: str,
+                                                                                  keys: IssuerKeySet) -> None:
+    """QoS 1 redelivers; with a shared subscription two workers can hold the same message at once. The
+    loser's batch hits the unique key, is retried, and answers with the winner's answer — never 96 for the
+    duplicate or for the unrelated requests batched with it."""
+    engine, schema = await fresh_pg_engine(pg_url)
+    engines: list[Any] = []
+    try:
+        await init_db(engine)
+        world = await build_world(engine, keys)
+        cards = [await world.add_card(300 + i) for i in range(6)]
+        for c in cards:
+            await world.fund(c, "voucher", 10_000)
+        engines = [make_engine(pg_url, pg_schema=schema) for _ in range(2)]
+        services = [ClearingService(e, keys, ClearingConfig(group_commit_window_ms=3), clock=world.clock)
+                    for e in engines]
+        for s in services:
+            await s.start()
+        msgs = [world.purchase(c, 100 + i) for i, c in enumerate(cards * 3)]
+        calls = [s.handle(m) for m in msgs for s in services]  # every message to both services at once
+        answers = await asyncio.gather(*calls)
+        for s in services:
+            await s.stop()
+        assert [a.response_code for a in answers] == ["00"] * len(answers)
+        for i in range(len(msgs)):  # both deliveries of one message answer the same RRN
+            assert answers[2 * i].rrn == answers[2 * i + 1].rrn
+        assert sum(s.writer.stats.postings for s in services) == len(msgs)
+        assert await check_invariants(engine) == []
+    finally:
+        for e in engines:
+            await e.dispose()
+        await engine.dispose()
+        await drop_pg_schema(pg_url, schema)
