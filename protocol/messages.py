@@ -20,11 +20,11 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, TypeAdapter, V
 
 from keys.mac import cbc_mac, pad80
 from keys.suite import SM4, Suite
+from protocol.money import MAX_AMOUNT_FEN  # one limit for messages, journal and bank file
 
 MAX_MESSAGE_BYTES = 256 * 1024
 MESSAGE_MAC_BYTES = 8
 MAX_BATCH_UPLOAD_ITEMS = 2_000
-MAX_AMOUNT_FEN = 100_000_000  # 1,000,000.00 yuan: far above any single care service
 
 TOPIC_PREFIX = "carepay/v1/term"
 SHARED_UP_TOPIC = "$share/clearing/carepay/v1/term/+/up"

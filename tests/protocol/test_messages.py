@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from protocol.messages import (
+    MAX_AMOUNT_FEN,
     MAX_MESSAGE_BYTES,
     RC,
     BatchSettle,
@@ -68,7 +69,7 @@ def test_unsigned_message_never_verifies() -> None:
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("amount_fen", 0), ("amount_fen", -5), ("amount_fen", 1.5), ("terminal_id", "short"), ("batch_no", "12345A"),
+    [("amount_fen", 0), ("amount_fen", -5), ("amount_fen", MAX_AMOUNT_FEN + 1), ("amount_fen", 1.5), ("terminal_id", "short"), ("batch_no", "12345A"),
      ("program", "casino"), ("extra_field", 1)],
 )
 def test_bad_fields_are_refused_with_the_field_named(field: str, value: object) -> None:
@@ -112,7 +113,7 @@ def test_random_json_objects_never_parse(body: dict) -> None:
 
 
 @settings(max_examples=100)
-@given(st.integers(min_value=1, max_value=100_000_000), st.integers(min_value=0, max_value=999_999))
+@given(st.integers(min_value=1, max_value=MAX_AMOUNT_FEN), st.integers(min_value=0, max_value=999_999))
 def test_purchase_round_trip_property(amount_fen: int, trace: int) -> None:
     msg = make_purchase(amount_fen, f"{trace:06d}").signed(TAK)
     again = parse_message(msg.to_json())
