@@ -8,6 +8,11 @@
 - Card insert/remove (:meth:`insert`, :meth:`remove`) send an unsolicited event frame.
 - Link-speed emulation (``baud``): every frame costs ``len * 10 / baud`` seconds on the line
   (8N1: 10 bit times a byte), in both directions, so timings look like a real 115200-baud reader.
+  One exchange = one timed wait (:class:`LinkClock`): the request's and the answer's line time are
+  waited out together after the card has answered, then the whole answer is written at once. An OS
+  sleep wakes late (0.1-0.5 ms, far more on a loaded machine); the lateness is carried forward as
+  credit (at most ``LINK_CREDIT_MAX_S``) and taken off the next wait, so the emulated line keeps
+  real-UART time over a session instead of adding every wake-up delay. ``link_stats()`` tells how late.
 - Fault injection for tests: :meth:`inject_garbage` (bytes on the line), :meth:`truncate_next`
   (the next answer is cut short), ``card.remove_after(n)`` (pull the card before the n-th APDU),
   and the card's own tear hook (``VirtualCard.arm_tear``).
@@ -34,16 +39,55 @@ from simulator.channel import SimSlot, SlotDevice
 POLL_INTERVAL_S = 0.05
 READ_CHUNK_BYTES = 4096
 BITS_PER_BYTE = 10  # 8N1
-LINK_SPIN_S = 0.0005  # link emulation: busy-wait this tail of each wait for timing accuracy
+LINK_CREDIT_MAX_S = 0.001  # most sleep overshoot carried forward and taken off the next frame's wait
+LINK_IDLE_RESET_S = 0.05  # a line idle this long starts a fresh timeline (credit forgotten)
 
 
-def _wait(seconds: float) -> None:
-    """Sleep, then spin the last LINK_SPIN_S: OS sleeps on a VM overshoot by 0.1-0.5 ms, a UART does not."""
-    deadline = time.perf_counter() + seconds
-    if seconds > LINK_SPIN_S:
-        time.sleep(seconds - LINK_SPIN_S)
-    while time.perf_counter() < deadline:
-        pass
+class LinkClock:
+    """Link-speed pacing (串口速率仿真) with a deadline clock: one sleep per frame, overshoot carried as credit.
+
+    ``pace(nbytes)`` returns when ``nbytes`` would have finished crossing the line at ``baud`` (8N1),
+    counted from the call. A sleep that wakes late leaves credit (bounded by ``LINK_CREDIT_MAX_S``)
+    which shortens the next wait, so the line's total time over an exchange sequence stays what a
+    UART would take (the credit can never make a wait negative, and is forgotten after an idle line).
+    """
+
+    def __init__(self, baud: int) -> None:
+        self.baud = baud
+        self.byte_s = BITS_PER_BYTE / baud
+        self.credit_s = 0.0
+        self._last_end = 0.0
+        self.waits = 0
+        self.line_s = 0.0  # emulated line time asked for
+        self.slept_s = 0.0  # time actually spent waiting
+        self.late_s = 0.0  # total wake-up lateness (before credit)
+
+    def pace(self, nbytes: int) -> None:
+        start = time.perf_counter()
+        if start - self._last_end > LINK_IDLE_RESET_S:
+            self.credit_s = 0.0
+        due = nbytes * self.byte_s
+        used = min(self.credit_s, due)
+        self.credit_s -= used
+        deadline = start + due - used
+        self.waits += 1
+        self.line_s += due
+        if deadline > start:
+            time.sleep(deadline - start)
+            woke = time.perf_counter()
+            late = max(0.0, woke - deadline)
+            self.late_s += late
+            self.credit_s = min(LINK_CREDIT_MAX_S, self.credit_s + late)
+        else:
+            woke = start
+        self.slept_s += woke - start
+        self._last_end = woke
+
+    def stats(self) -> dict[str, float]:
+        """Waits, line time asked for, time slept, wake-up lateness, outstanding credit (ms)."""
+        return {"waits": self.waits, "line_ms": round(self.line_s * 1000, 3),
+                "slept_ms": round(self.slept_s * 1000, 3), "late_ms": round(self.late_s * 1000, 3),
+                "credit_ms": round(self.credit_s * 1000, 3)}
 
 
 class PtyReader:
@@ -55,6 +99,7 @@ class PtyReader:
         self.psam = SimSlot("psam", psam)
         self.deck = deck
         self.baud = baud
+        self.link = LinkClock(baud) if baud else None
         self.log = log or (lambda _msg: None)
         self.master_fd, self.slave_fd = os.openpty()
         tty.setraw(self.slave_fd)
@@ -116,6 +161,10 @@ class PtyReader:
         """Cut the next answer frame in half (the terminal must time out and recover)."""
         self._truncate_next = True
 
+    def link_stats(self) -> dict[str, float]:
+        """The link emulation's timing counters (empty without ``baud``)."""
+        return self.link.stats() if self.link is not None else {}
+
     # --- serving
 
     def _send(self, frame: rf.Frame, request_bytes: int = 0) -> None:
@@ -126,8 +175,8 @@ class PtyReader:
             raw = raw[: len(raw) // 2]
         nbytes = request_bytes + len(raw)
         self.bytes_on_line += nbytes
-        if self.baud:  # one wait per exchange: request in, processing, answer out
-            _wait(nbytes * BITS_PER_BYTE / self.baud)
+        if self.link is not None:  # one wait per exchange: request in, processing, answer out
+            self.link.pace(nbytes)
         self._write(raw)
         self.frames_out += 1
 
@@ -233,7 +282,8 @@ class PtyReader:
             if verb == "status":
                 return (f"pty={self.path} card={'present' if self.card.card_present() else 'absent'} "
                         f"frames_in={self.frames_in} frames_out={self.frames_out} "
-                        f"garbage_bytes={self.decoder.stats.garbage_bytes} bad_checksum={self.decoder.stats.bad_checksum}")
+                        f"garbage_bytes={self.decoder.stats.garbage_bytes} bad_checksum={self.decoder.stats.bad_checksum}"
+                        + "".join(f" link_{k}={v}" for k, v in self.link_stats().items()))
             if verb == "quit":
                 self._stop.set()
                 return "bye"
