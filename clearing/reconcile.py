@@ -1,9 +1,17 @@
 """Reconciliation (对账): host journal vs the bank's clearing file, and terminal batches vs the host.
 
-The engine is columnar (polars): a keyed full outer join of slim frames plus
-vectorised classification; no Python loop touches a row (the few RRN-less rows
-are handled column-wise by scatter), so it scales linearly to millions of rows
-(figures: ``bench/reconcile.py``).
+The engine is columnar (polars); no Python loop touches a row, so it scales to
+millions of rows (figures: ``bench/reconcile.py``):
+
+- match keys are Int64, not strings: an all-digit 12-character RRN is its own
+  number (exact), every other key (RRN with letters, fallback key) gets a dense
+  id above 10**12 shared by both sides;
+- only slim columns (key, amount, status, row number) take part; detail columns
+  are gathered for the break rows alone;
+- when the host keys are strictly increasing (a journal read in RRN order) each
+  bank key is found by binary search (``search_sorted``) and duplicates are
+  checked only among the rows that share a host row; otherwise the first rows of
+  each side meet in one hash full join. Both give the same result.
 
 Keys: the retrieval reference number (参考号, RRN). A bank row whose RRN is
 empty is matched by terminal/batch/trace/type instead (终端号/批次号/流水号); a
@@ -29,7 +37,7 @@ Break lifecycle across runs of the same date (:func:`diff_lifecycle`; persisted 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from datetime import date, datetime, time, timedelta
 from zoneinfo import ZoneInfo
 
@@ -39,6 +47,8 @@ RECON_CLASSES = ("matched", "host_only", "bank_only", "amount_mismatch", "status
 BREAK_CLASSES = RECON_CLASSES[1:]
 GRACE_WINDOW_MIN = 10  # minutes either side of a cut-off in which a one-sided row is not yet a break
 FALLBACK_KEY_PREFIX = "~"
+RRN_CHARS = 12  # a retrieval reference number is 12 characters (ISO 8583 field 37)
+_OTHER_KEY_BASE = 10**RRN_CHARS  # ids of non-numeric keys start above every 12-digit RRN
 
 # The columns both sides are normalised to (the bank file's detail fields, DESIGN.md).
 RECON_COLUMNS = (
@@ -112,13 +122,27 @@ def normalize(frame: pl.DataFrame | pl.LazyFrame) -> pl.LazyFrame:
     return lf.select(exprs)
 
 
-@dataclass
 class ReconResult:
-    """Output of one classification: the matched pairs (slim), every break (with details), counts per class."""
+    """Output of one classification: the matched pairs (slim), every break (with details), counts per class.
 
-    matched: pl.DataFrame  # key, amounts, statuses of matched pairs
-    breaks: pl.DataFrame  # one row per non-matched row, columns BREAK_SCHEMA, sorted (class, key, side)
-    counts: dict[str, int] = field(default_factory=dict)
+    ``matched`` (key, amounts, statuses of matched pairs) is built on first access only: at millions of
+    rows nothing downstream of :func:`classify` but :meth:`class_totals` reads it.
+    """
+
+    def __init__(self, matched: pl.DataFrame | Callable[[], pl.DataFrame], breaks: pl.DataFrame,
+                 counts: dict[str, int] | None = None) -> None:
+        self._matched = matched
+        self.breaks = breaks  # one row per non-matched row, columns BREAK_SCHEMA, sorted (class, key, side)
+        self.counts = counts if counts is not None else {}
+
+    @property
+    def matched(self) -> pl.DataFrame:
+        if not isinstance(self._matched, pl.DataFrame):
+            self._matched = self._matched()
+        return self._matched
+
+    def __repr__(self) -> str:
+        return f"ReconResult(counts={self.counts!r}, breaks={self.breaks.height} rows)"
 
     def class_totals(self) -> pl.DataFrame:
         """Per class: count, host amount, bank amount, absolute difference (fen)."""
@@ -134,36 +158,46 @@ class ReconResult:
         return base.join(agg, on="class", how="left", maintain_order="left").fill_null(0)
 
 
-def _key_series(frame: pl.DataFrame) -> pl.Series:
-    """The match key per row: the RRN, or ``~terminal|batch|trace|type`` for the few rows without one.
+def _key_text() -> pl.Expr:
+    """The textual match key of a normalised row: its RRN, or ``~terminal|batch|trace|type`` without one."""
+    fb = pl.lit(FALLBACK_KEY_PREFIX) + pl.concat_str([pl.col(c) for c in _FALLBACK_COLS], separator="|")
+    return pl.when(pl.col("rrn") == "").then(fb).otherwise(pl.col("rrn"))
 
-    Column-wise: the fallback string is built only for the RRN-less rows and scattered in.
+
+def _rrn_number(rrn: pl.Series) -> pl.Series:
+    """An all-digit 12-character RRN as its integer (exact: distinct such RRNs give distinct numbers); else null.
+
+    Joining and deduplicating on these Int64 keys is several times cheaper than on strings.
     """
-    key = frame["rrn"].clone().alias("key")
-    idx = (key == "").arg_true()
-    if idx.len():
-        fb = frame[idx].select(
-            (pl.lit(FALLBACK_KEY_PREFIX) + pl.concat_str([pl.col(c) for c in _FALLBACK_COLS], separator="|")).alias("k"))
-        key = key.scatter(idx, fb["k"])
-    return key
+    num = rrn.str.to_integer(base=10, strict=False)
+    exact = (rrn.str.len_bytes() == RRN_CHARS) & ~rrn.str.starts_with("+") & ~rrn.str.starts_with("-")
+    return pl.select(pl.when(exact).then(num).otherwise(None).alias("k")).to_series() if len(rrn) else num
 
 
-def _fill_bank_rrn_columns(bank: pl.DataFrame, host: pl.DataFrame) -> pl.DataFrame:
+def _fallback_hash() -> pl.Expr:
+    """A 64-bit hash of terminal and trace number, the selective half of the fallback key (a pre-filter
+    only: the candidates are then matched exactly on all four columns)."""
+    return (pl.col("terminal_id").hash(seed=1) ^ pl.col("trace_no").hash(seed=2)).alias("_fh")
+
+
+def _fill_bank_rrn(bank_rrn: pl.Series, bank: pl.LazyFrame, host: pl.LazyFrame) -> pl.Series:
     """Give RRN-less bank rows the RRN of the host row with the same terminal/batch/trace/type (scattered in)."""
-    idx = (bank["rrn"] == "").arg_true()
+    idx = (bank_rrn == "").arg_true()
     if not idx.len():
-        return bank
-    blank = bank[idx].select(_FALLBACK_COLS)
-    # narrow the journal by one selective column first (trace numbers), then match on all four
+        return bank_rrn
+    blank = bank.select(_FALLBACK_COLS).collect()[idx]
+    # narrow the journal by a 64-bit hash first (an integer lookup; equal values hash equal, so no
+    # candidate is lost), then match exactly on all four columns
+    wanted = blank.select(_fallback_hash())["_fh"].unique().implode()
     lookup = (
-        host.lazy().filter(pl.col("trace_no").is_in(blank["trace_no"].unique().implode()) & (pl.col("rrn") != ""))
+        host.filter(_fallback_hash().is_in(wanted) & (pl.col("rrn") != ""))
         .select([*_FALLBACK_COLS, pl.col("rrn").alias("_host_rrn")])
         .join(blank.lazy().unique(), on=list(_FALLBACK_COLS), how="semi")
         .unique(subset=list(_FALLBACK_COLS), keep="first", maintain_order=True)
         .collect()
     )
     filled = blank.join(lookup, on=list(_FALLBACK_COLS), how="left", maintain_order="left")["_host_rrn"].fill_null("")
-    return bank.with_columns(bank["rrn"].clone().scatter(idx, filled))
+    return bank_rrn.clone().scatter(idx, filled)
 
 
 def _text_time(lf: pl.LazyFrame) -> pl.LazyFrame:
@@ -172,31 +206,75 @@ def _text_time(lf: pl.LazyFrame) -> pl.LazyFrame:
     return lf
 
 
+def _other_keys(frame: pl.LazyFrame, rrn: pl.Series, num: pl.Series) -> tuple[pl.Series, pl.Series]:
+    """(row indices, textual keys) of the rows whose RRN is not an all-digit 12-character one."""
+    idx = num.is_null().arg_true()
+    if not idx.len():
+        return idx, pl.Series("key", [], dtype=pl.String)
+    rows = frame.select(_FALLBACK_COLS).collect()[idx].with_columns(rrn=rrn.gather(idx))
+    return idx, rows.select(_key_text().alias("key"))["key"]
+
+
+def _int_keys(h_lf: pl.LazyFrame, h_rrn: pl.Series, b_lf: pl.LazyFrame, b_rrn: pl.Series,
+              host_rrn_unique: bool) -> tuple[pl.Series, pl.Series]:
+    """Int64 match keys for both sides: the RRN's number when all digits, else a dense id (>= 10**12)
+    shared by equal textual keys on either side (fallback ``~…`` keys, RRNs with letters)."""
+    hk, bk = _rrn_number(h_rrn), _rrn_number(b_rrn)
+    if host_rrn_unique:
+        hi = hk.is_null().arg_true()
+        ht = h_rrn.gather(hi).alias("key")
+    else:
+        hi, ht = _other_keys(h_lf, h_rrn, hk)
+    bi, bt = _other_keys(b_lf, b_rrn, bk)
+    if hi.len() or bi.len():
+        ids = pl.concat([ht, bt]).unique().to_frame("key").with_columns(
+            id=pl.int_range(pl.len(), dtype=pl.Int64) + _OTHER_KEY_BASE)
+        if hi.len():
+            hk = hk.scatter(hi, ht.to_frame().join(ids, on="key", how="left", maintain_order="left")["id"])
+        if bi.len():
+            bk = bk.scatter(bi, bt.to_frame().join(ids, on="key", how="left", maintain_order="left")["id"])
+    return hk, bk
+
+
+def _firsts(keys: pl.Series) -> pl.Series | None:
+    """Per row: is it the first with its key (later ones are duplicates)? None when every key is unique."""
+    first = keys.is_first_distinct()
+    return None if first.all() else first
+
+
+def _details(frame: pl.DataFrame | pl.LazyFrame, idx: pl.Series, rrn: pl.Series | None = None) -> pl.LazyFrame:
+    """Normalised detail columns (with ``key`` text) of the given rows only."""
+    rows = frame[idx] if isinstance(frame, pl.DataFrame) else frame.collect()[idx]
+    lf = normalize(rows)
+    if rrn is not None:
+        lf = lf.with_columns(rrn=pl.lit(rrn.gather(idx)))
+    return _text_time(lf).with_columns(key=_key_text())
+
+
 def classify(host: pl.DataFrame | pl.LazyFrame, bank: pl.DataFrame | pl.LazyFrame,
              host_rrn_unique: bool = False) -> ReconResult:
     """Classify host vs bank rows (see module docstring). Both inputs any frame :func:`normalize` accepts.
 
-    The join runs on slim frames (key, amount, status); detail columns are joined back for breaks only.
-    ``host_rrn_unique=True`` says the host side has unique, non-empty RRNs (``host_txns.rrn`` is UNIQUE
-    NOT NULL), which skips a uniqueness pass over the journal; otherwise it is checked.
+    Match and classification run on slim frames (an Int64 key, the amount, the status, the row number);
+    detail columns are gathered for break rows only. ``host_rrn_unique=True`` says the host side has
+    unique, non-empty RRNs (``host_txns.rrn`` is UNIQUE NOT NULL), which skips a uniqueness pass over the
+    journal; otherwise it is checked.
     """
-    hn = normalize(host).collect()
-    bn = _fill_bank_rrn_columns(normalize(bank).collect(), hn)
-    h = hn.with_columns(key=pl.col("rrn") if host_rrn_unique else _key_series(hn))
-    b = bn.with_columns(key=_key_series(bn))
-    # a host journal has unique RRNs (the usual case): skip the per-row first-occurrence pass
-    unique = host_rrn_unique or h["key"].n_unique() == h.height
-    h = h.with_columns(_first=pl.lit(True) if unique else pl.col("key").is_first_distinct())
-    b = b.with_columns(_first=pl.col("key").is_first_distinct())
-    # slim frames for the join: three columns each, filtered before anything wide is touched
-    h0 = h.select("key", pl.col("amount_fen").alias("host_amount_fen"), pl.col("status").alias("host_status"),
-                  "_first").filter("_first").drop("_first").lazy()
-    b0 = b.select("key", pl.col("amount_fen").alias("bank_amount_fen"), pl.col("status").alias("bank_status"),
-                  "_first").filter("_first").drop("_first").lazy()
-    h, b = h.lazy(), b.lazy()
-    joined = h0.join(b0, on="key", how="full", coalesce=True)
-    has_h = pl.col("host_amount_fen").is_not_null()
-    has_b = pl.col("bank_amount_fen").is_not_null()
+    host = host.collect() if isinstance(host, pl.LazyFrame) else host
+    bank = bank.collect() if isinstance(bank, pl.LazyFrame) else bank
+    h_lf, b_lf = normalize(host), normalize(bank)
+    hs = h_lf.select("rrn", "amount_fen", "status").collect()
+    bs = b_lf.select("rrn", "amount_fen", "status").collect()
+    b_rrn = _fill_bank_rrn(bs["rrn"], b_lf, h_lf)
+    hk, bk = _int_keys(h_lf, hs["rrn"], b_lf, b_rrn, host_rrn_unique)
+    if _strictly_increasing(hk):  # the usual journal: sorted by RRN, so a binary search replaces the hash join
+        h_first = None
+        pair_breaks, b_first, n_matched, matched_pairs = _pairs_sorted(hk, bk, hs, bs)
+    else:
+        h_first = None if host_rrn_unique else _firsts(hk)
+        pair_breaks, b_first, n_matched, matched_pairs = _pairs_hashed(hk, bk, hs, bs, h_first)
+    has_h = pl.col("_hi").is_not_null()
+    has_b = pl.col("_bi").is_not_null()
     cls = (
         pl.when(has_h & ~has_b)
         .then(pl.lit("host_only"))
@@ -204,40 +282,28 @@ def classify(host: pl.DataFrame | pl.LazyFrame, bank: pl.DataFrame | pl.LazyFram
         .then(pl.lit("bank_only"))
         .when(pl.col("host_status") != pl.col("bank_status"))
         .then(pl.lit("status_mismatch"))
-        .when(pl.col("host_amount_fen") != pl.col("bank_amount_fen"))
-        .then(pl.lit("amount_mismatch"))
-        .otherwise(pl.lit("matched"))
+        .otherwise(pl.lit("amount_mismatch"))
     )
-    pairs = joined.select(
-        cls.alias("class"),
-        "key",
-        pl.when(has_h & has_b).then(pl.lit("both")).when(has_h).then(pl.lit("host")).otherwise(pl.lit("bank")).alias("side"),
-        "host_amount_fen",
-        "bank_amount_fen",
-        "host_status",
-        "bank_status",
-        (pl.col("bank_amount_fen").fill_null(0) - pl.col("host_amount_fen").fill_null(0)).alias("diff_fen"),
-    ).collect()
+    side = pl.when(has_h & has_b).then(pl.lit("both")).when(has_h).then(pl.lit("host")).otherwise(pl.lit("bank"))
+    diff = (pl.col("bank_amount_fen").fill_null(0) - pl.col("host_amount_fen").fill_null(0)).alias("diff_fen")
+    pair_breaks = pair_breaks.with_columns(cls.alias("class"), side.alias("side"), diff)
 
-    matched = pairs.filter(pl.col("class") == "matched")
-    pair_breaks = pairs.filter(pl.col("class") != "matched")
-    keys = pair_breaks["key"].implode()
-    detail_cols = ["rrn", *_CARRY]
-    hd = _text_time(h.filter(pl.col("_first") & pl.col("key").is_in(keys)).select("key", *detail_cols))
-    bd = _text_time(b.filter(pl.col("_first") & pl.col("key").is_in(keys)).select("key", *detail_cols))
-    enriched = (
-        pair_breaks.lazy()
-        .join(hd, on="key", how="left")
-        .join(bd, on="key", how="left", suffix="_b")
-        .with_columns(*[pl.coalesce(c, f"{c}_b").alias(c) for c in detail_cols])
-        .drop([f"{c}_b" for c in detail_cols])
-    )
+    detail_cols = ["key", "rrn", *_CARRY]
+    with_h = pair_breaks.filter(has_h)
+    only_b = pair_breaks.filter(~has_h)
+    enriched = pl.concat([
+        pl.concat([with_h.lazy(), _details(host, with_h["_hi"]).select(detail_cols)], how="horizontal"),
+        pl.concat([only_b.lazy(), _details(bank, only_b["_bi"], b_rrn).select(detail_cols)], how="horizontal"),
+    ])
 
-    def dups(side_frame: pl.LazyFrame, side: str) -> pl.LazyFrame:
+    def dups(first: pl.Series | None, side_frame: pl.DataFrame, side: str, rrn: pl.Series | None) -> pl.LazyFrame | None:
+        if first is None:
+            return None
+        idx = (~first).arg_true()
         amount = pl.col("amount_fen")
         null_i = pl.lit(None, dtype=pl.Int64)
         null_s = pl.lit(None, dtype=pl.String)
-        return _text_time(side_frame.filter(~pl.col("_first"))).select(
+        return _details(side_frame, idx, rrn).select(
             pl.lit("duplicate").alias("class"),
             "key",
             pl.lit(side).alias("side"),
@@ -246,16 +312,118 @@ def classify(host: pl.DataFrame | pl.LazyFrame, bank: pl.DataFrame | pl.LazyFram
             (pl.col("status") if side == "host" else null_s).alias("host_status"),
             (pl.col("status") if side == "bank" else null_s).alias("bank_status"),
             (-amount if side == "host" else amount).alias("diff_fen"),
-            *detail_cols,
+            *detail_cols[1:],
         )
 
-    breaks = pl.concat([enriched, dups(h, "host"), dups(b, "bank")], how="vertical").collect()
-    breaks = breaks.select(list(BREAK_SCHEMA)).with_columns(mask_card_expr("card_no_masked")).sort(["class", "key", "side"])
+    parts = [enriched.select(list(BREAK_SCHEMA))]
+    parts += [d.select(list(BREAK_SCHEMA)) for d in (dups(h_first, host, "host", None), dups(b_first, bank, "bank", b_rrn))
+              if d is not None]
+    breaks = pl.concat(parts, how="vertical").with_columns(mask_card_expr("card_no_masked")).collect()
+    breaks = breaks.cast(BREAK_SCHEMA).sort(["class", "key", "side"])
     counts = dict.fromkeys(RECON_CLASSES, 0)
-    counts["matched"] = matched.height
+    counts["matched"] = n_matched
     for cls_name, n in breaks.group_by("class").len().iter_rows():
         counts[cls_name] = int(n)
-    return ReconResult(matched=matched, breaks=breaks, counts=counts)
+    return ReconResult(matched=lambda: _matched_frame(matched_pairs(), host), breaks=breaks, counts=counts)
+
+
+_PAIR_COLS = ("k", "_hi", "host_amount_fen", "host_status", "_bi", "bank_amount_fen", "bank_status")
+
+
+def _strictly_increasing(keys: pl.Series) -> bool:
+    return (len(keys) > 0 and keys.null_count() == 0 and keys.is_sorted()
+            and (len(keys) == 1 or bool((keys.diff().slice(1) > 0).all())))
+
+
+def _pairs_hashed(hk: pl.Series, bk: pl.Series, hs: pl.DataFrame, bs: pl.DataFrame, h_first: pl.Series | None
+                  ) -> tuple[pl.DataFrame, pl.Series | None, int, Callable[[], pl.LazyFrame]]:
+    """First rows of each side joined on the Int64 key (full join): (pair breaks, bank firsts, matched, matched pairs)."""
+    h = pl.DataFrame([hk.alias("k"), hs["amount_fen"].alias("host_amount_fen"), hs["status"].alias("host_status")])
+    b = pl.DataFrame([bk.alias("k"), bs["amount_fen"].alias("bank_amount_fen"), bs["status"].alias("bank_status")])
+    h = h.with_row_index("_hi")
+    b = b.with_row_index("_bi")
+    b_first = _firsts(bk)
+    h1 = h if h_first is None else h.filter(h_first)
+    b1 = b if b_first is None else b.filter(b_first)
+    joined = h1.lazy().join(b1.lazy(), on="k", how="full", coalesce=True)
+    is_break = (pl.col("_hi").is_null() | pl.col("_bi").is_null() | (pl.col("host_status") != pl.col("bank_status"))
+                | (pl.col("host_amount_fen") != pl.col("bank_amount_fen")))
+    joined = joined.with_columns(_brk=is_break).collect()
+    pair_breaks = joined.filter("_brk").select(_PAIR_COLS)
+    return (pair_breaks, b_first, joined.height - pair_breaks.height,
+            lambda: joined.lazy().filter(~pl.col("_brk")).select(_PAIR_COLS))
+
+
+def _pairs_sorted(hk: pl.Series, bk: pl.Series, hs: pl.DataFrame, bs: pl.DataFrame
+                  ) -> tuple[pl.DataFrame, pl.Series | None, int, Callable[[], pl.LazyFrame]]:
+    """As :func:`_pairs_hashed` when the host keys are strictly increasing: each bank key is looked up by
+    binary search (``search_sorted``), duplicates are found among the few rows that share a host row."""
+    n, m = len(hk), len(bk)
+    pos = hk.search_sorted(bk, side="left").cast(pl.UInt32)
+    found = (pos < n) & (hk.gather(pos.clip(upper_bound=n - 1)) == bk)
+    fi = found.arg_true().cast(pl.UInt32)  # bank rows whose key the host has
+    fh = pos.gather(fi)  # ... and their host rows
+    first = pl.Series("first", [True], dtype=pl.Boolean).extend_constant(True, m - 1) if m else found
+    # one bank row per hit host row survives the scatter (which one does not matter): the others share a
+    # host row with it, so only the host rows they name need the exact first-in-file-order test
+    winner = pl.Series("w", [None], dtype=pl.UInt32).extend_constant(None, n - 1).scatter(fh, fi)
+    lost = winner.gather(fh) != fi
+    if lost.any():
+        dup_host = pl.Series("d", [False]).extend_constant(False, n - 1).scatter(fh.filter(lost), True)
+        involved = fi.filter(dup_host.gather(fh))
+        first = first.scatter(involved.filter(~pos.gather(involved).is_first_distinct()), False)
+    nf = (~found).arg_true()
+    if nf.len():
+        first = first.scatter(nf.filter(~bk.gather(nf).is_first_distinct()), False)
+    b_first = None if bool(first.all()) else first
+
+    # bank first rows in the host: compare amount and status
+    b1 = fi if b_first is None else fi.filter(first.gather(fi))
+    h1 = pos.gather(b1)
+    h_amt, b_amt = hs["amount_fen"].gather(h1), bs["amount_fen"].gather(b1)
+    h_st, b_st = hs["status"].gather(h1), bs["status"].gather(b1)
+    brk = (h_amt != b_amt) | (h_st != b_st)
+    hit = pl.Series("hit", [False]).extend_constant(False, n - 1).scatter(h1, True)
+    host_only = (~hit).arg_true().cast(pl.UInt32)
+    bank_only = nf if b_first is None else nf.filter(first.gather(nf))
+    null_u = pl.lit(None, dtype=pl.UInt32)
+    null_i = pl.lit(None, dtype=pl.Int64)
+    null_s = pl.lit(None, dtype=pl.String)
+    both = pl.DataFrame({"_hi": h1.filter(brk), "_bi": b1.filter(brk)})
+    parts = [
+        both.select(pl.lit(hk).gather("_hi").alias("k"), "_hi", pl.lit(hs["amount_fen"]).gather("_hi").alias("host_amount_fen"),
+                    pl.lit(hs["status"]).gather("_hi").alias("host_status"), "_bi",
+                    pl.lit(bs["amount_fen"]).gather("_bi").alias("bank_amount_fen"),
+                    pl.lit(bs["status"]).gather("_bi").alias("bank_status")),
+        pl.DataFrame({"_hi": host_only}).select(pl.lit(hk).gather("_hi").alias("k"), "_hi",
+                                                pl.lit(hs["amount_fen"]).gather("_hi").alias("host_amount_fen"),
+                                                pl.lit(hs["status"]).gather("_hi").alias("host_status"),
+                                                null_u.alias("_bi"), null_i.alias("bank_amount_fen"),
+                                                null_s.alias("bank_status")),
+        pl.DataFrame({"_bi": bank_only}).select(pl.lit(bk).gather("_bi").alias("k"), null_u.alias("_hi"),
+                                                null_i.alias("host_amount_fen"), null_s.alias("host_status"), "_bi",
+                                                pl.lit(bs["amount_fen"]).gather("_bi").alias("bank_amount_fen"),
+                                                pl.lit(bs["status"]).gather("_bi").alias("bank_status")),
+    ]
+    pair_breaks = pl.concat(parts, how="vertical")
+    n_matched = len(b1) - int(brk.sum())
+
+    def matched_pairs() -> pl.LazyFrame:
+        ok = ~brk
+        return pl.DataFrame({"_hi": h1.filter(ok), "host_amount_fen": h_amt.filter(ok), "host_status": h_st.filter(ok),
+                             "_bi": b1.filter(ok), "bank_amount_fen": b_amt.filter(ok),
+                             "bank_status": b_st.filter(ok)}).lazy()
+
+    return pair_breaks, b_first, n_matched, matched_pairs
+
+
+def _matched_frame(m: pl.LazyFrame, host: pl.DataFrame) -> pl.DataFrame:
+    """The matched pairs (key text, amounts, statuses): built only when someone reads them."""
+    h_lf = normalize(host).with_row_index("_hi")
+    return m.join(h_lf.select("_hi", _key_text().alias("key")), on="_hi", how="left").select(
+        pl.lit("matched").alias("class"), "key", pl.lit("both").alias("side"),
+        "host_amount_fen", "bank_amount_fen", "host_status", "bank_status",
+        (pl.col("bank_amount_fen") - pl.col("host_amount_fen")).alias("diff_fen")).collect()
 
 
 def cutoff_instant(business_date: date, cutoff_local_time: time, tz: str = "Asia/Shanghai") -> datetime:

@@ -126,3 +126,17 @@ def test_terminal_batches_balanced_and_not() -> None:
     bad = out.filter(~pl.col("balanced"))
     assert bad.height == 1 and bad["terminal_id"][0] == first["terminal_id"]
     assert bad["terminal_amount_fen"][0] - bad["host_amount_fen"][0] == 1
+
+
+@settings(max_examples=15, suppress_health_check=[HealthCheck.too_slow])
+@given(st.integers(min_value=1, max_value=400), st.integers(min_value=0, max_value=10_000),
+       st.sampled_from([0.0, 0.05, 0.3]))
+def test_host_order_does_not_change_the_result(n: int, seed: int, rate: float) -> None:
+    """The engine takes a sorted-keys path when the journal is in RRN order and a join path otherwise:
+    both must classify every row the same way."""
+    host = synthetic_journal(n, D)
+    bank = generate(host, rate, seed).rows
+    in_order = classify(host, bank)
+    shuffled = classify(host.sample(fraction=1.0, shuffle=True, seed=seed), bank)
+    assert shuffled.counts == in_order.counts
+    assert _pairs(shuffled.breaks) == _pairs(in_order.breaks)
