@@ -22,7 +22,15 @@ def _sample(name: str, **labels: str) -> float:
     return REGISTRY.get_sample_value(name, labels) or 0.0
 
 
-async def test_sign_on_purchase_void_refund_and_settle(harness: Harness) -> None:
+
+@pytest.fixture(params=["aiomqtt", "lean"])
+def worker_client(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run the test with each of the clearing worker's MQTT clients (aiomqtt default, lean opt-in)."""
+    monkeypatch.setenv("CAREPAY_MQTT_CLIENT", request.param)
+    return request.param
+
+
+async def test_sign_on_purchase_void_refund_and_settle(harness: Harness, worker_client: str) -> None:
     approved_before = _sample("carepay_auth_requests_total", type="purchase", code="00")
     latency_before = _sample("carepay_auth_latency_seconds_count", type="purchase")
     async with harness.clearing():
@@ -71,7 +79,7 @@ async def test_nursing_purchase_and_local_declines(harness: Harness) -> None:
         assert not too_much.approved and too_much.response_code == RC.INSUFFICIENT_BALANCE
 
 
-async def test_bad_mac_answered_a0_and_nothing_posted(harness: Harness) -> None:
+async def test_bad_mac_answered_a0_and_nothing_posted(harness: Harness, worker_client: str) -> None:
     async with harness.clearing() as worker:
         term = await harness.terminal(0)
         card = harness.card("voucher")
@@ -92,7 +100,7 @@ async def test_bad_mac_answered_a0_and_nothing_posted(harness: Harness) -> None:
         assert metrics.MAC_FAILURES.labels(type="purchase")._value.get() == failures + 1
 
 
-async def test_duplicate_delivery_posts_once_and_replay_refused(harness: Harness) -> None:
+async def test_duplicate_delivery_posts_once_and_replay_refused(harness: Harness, worker_client: str) -> None:
     async with harness.clearing(max_age_s=60):
         term = await harness.terminal(0)
         card = harness.card("voucher")
