@@ -399,7 +399,7 @@ async def prepare_fleet(db_url: str, n_terms: int, n_cards: int, seed: int) -> A
         await engine.dispose()
 
 
-def start_clearing(db_url: str, url: str, workers: int, mqtt_client: str = "aiomqtt") -> subprocess.Popen[str]:
+def start_clearing(db_url: str, url: str, workers: int, mqtt_client: str = "lean") -> subprocess.Popen[str]:
     env = {**os.environ, "CAREPAY_MQTT_CLIENT": mqtt_client}
     proc = spawn(["-m", "ops.cli", "clearing", "serve", "--db", db_url, "--mqtt", url, "--workers", str(workers)],
                  env=env)
@@ -595,8 +595,8 @@ def main() -> int:
                     help="clearing worker processes (and echo responders); default 1 on this 2-core machine")
     ap.add_argument("--links", type=int, default=4, help="MQTT connections the generator multiplexes over")
     ap.add_argument("--db", default="", help="database URL (default: an SQLite file in a temp dir)")
-    ap.add_argument("--mqtt-client", default="aiomqtt", choices=("aiomqtt", "lean"),
-                    help="the clearing workers' MQTT client (default aiomqtt; lean = protocol.transport's)")
+    ap.add_argument("--mqtt-client", default="lean", choices=("aiomqtt", "lean"),
+                    help="the clearing workers' MQTT client (default lean = protocol.transport's; or aiomqtt)")
     ap.add_argument("--echo-only", action="store_true", help="only the echo baseline")
     args = ap.parse_args()
     if args.role == "echo":
