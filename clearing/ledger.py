@@ -74,6 +74,8 @@ GROUP_COMMIT_WINDOW_MS = 5
 """How long the writer waits for more requests after the first of a batch (milliseconds)."""
 GROUP_COMMIT_MAX_BATCH = 1_000
 """Most requests in one database transaction."""
+GROUP_COMMIT_IDLE_GAP_S = 0.0005
+"""A batch closes early when no request arrived for this long (light load: no full window of latency)."""
 BATCH_RETRIES = 5
 """Attempts for a batch that hit a unique-key race or deadlock with another worker (PostgreSQL)."""
 SQL_IN_CHUNK = 500
@@ -774,8 +776,8 @@ class GroupCommitWriter:
             remaining = deadline - loop.time()
             if len(batch) >= self.max_batch or remaining <= 0:
                 break
-            try:
-                batch.append(await asyncio.wait_for(self._queue.get(), remaining))
+            try:  # keep collecting while requests keep coming; an idle gap ends the batch early
+                batch.append(await asyncio.wait_for(self._queue.get(), min(remaining, GROUP_COMMIT_IDLE_GAP_S)))
             except TimeoutError:
                 break
         return batch
