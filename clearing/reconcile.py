@@ -43,6 +43,8 @@ from zoneinfo import ZoneInfo
 
 import polars as pl
 
+from protocol.files.bank_file import DETAIL_FIELDS
+
 RECON_CLASSES = ("matched", "host_only", "bank_only", "amount_mismatch", "status_mismatch", "duplicate")
 BREAK_CLASSES = RECON_CLASSES[1:]
 GRACE_WINDOW_MIN = 10  # minutes either side of a cut-off in which a one-sided row is not yet a break
@@ -51,21 +53,7 @@ RRN_CHARS = 12  # a retrieval reference number is 12 characters (ISO 8583 field 
 _OTHER_KEY_BASE = 10**RRN_CHARS  # ids of non-numeric keys start above every 12-digit RRN
 
 # The columns both sides are normalised to (the bank file's detail fields, DESIGN.md).
-RECON_COLUMNS = (
-    "rrn",
-    "provider_id",
-    "terminal_id",
-    "batch_no",
-    "trace_no",
-    "txn_type",
-    "program",
-    "card_no_masked",
-    "amount_fen",
-    "fee_fen",
-    "txn_time",
-    "status",
-    "orig_rrn",
-)
+RECON_COLUMNS = DETAIL_FIELDS
 _FALLBACK_COLS = ("terminal_id", "batch_no", "trace_no", "txn_type")
 _CARRY = ("provider_id", "terminal_id", "batch_no", "trace_no", "txn_type", "program", "card_no_masked", "txn_time")
 

@@ -24,24 +24,12 @@ from pathlib import Path
 
 import polars as pl
 
+from protocol.files.bank_file import DETAIL_FIELDS
+
 DEFAULT_DISCREPANCY_RATE = 0.01
 MAX_DISCREPANCY_RATE = 0.5
 INJECTED_CLASSES = ("host_only", "bank_only", "amount_mismatch", "status_mismatch", "duplicate")
-BANK_DETAIL_FIELDS = (
-    "rrn",
-    "provider_id",
-    "terminal_id",
-    "batch_no",
-    "trace_no",
-    "txn_type",
-    "program",
-    "card_no_masked",
-    "amount_fen",
-    "fee_fen",
-    "txn_time",
-    "status",
-    "orig_rrn",
-)
+BANK_DETAIL_FIELDS = DETAIL_FIELDS
 _FALLBACK = ("terminal_id", "batch_no", "trace_no", "txn_type")
 
 

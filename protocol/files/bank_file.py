@@ -389,6 +389,10 @@ def read_bank_file_polars(path: str | Path, layout: BankFileLayout = DEFAULT_LAY
     return read_bank_frame(path, layout).details
 
 
+DETAIL_FIELDS: tuple[str, ...] = tuple(f.name for f in DEFAULT_LAYOUT.detail.fields)
+"""The detail line's fields in file order (DESIGN.md), shared by the reconciliation engine and the simulator."""
+
+
 def details_frame_schema(layout: BankFileLayout = DEFAULT_LAYOUT) -> dict[str, pl.DataType]:
     """Column names and dtypes of ``read_bank_file_polars`` output (for building matching frames)."""
     return {LINE_NO_COLUMN: pl.Int64, **{f.name: f.pl_dtype for f in layout.detail.fields}}
