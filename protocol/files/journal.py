@@ -17,7 +17,7 @@ import polars as pl
 
 from protocol.files import txn_fields as tf
 from protocol.files.fields import Date, FieldError
-from protocol.files.layout import CsvLayout, LineError, RecordLayout, read_text
+from protocol.files.layout import CsvLayout, LineError, RecordLayout
 
 MAX_JOURNAL_LINES = 20_000_000
 MAX_JOURNAL_LINE_CHARS = 512
@@ -74,10 +74,7 @@ LAYOUT = CsvLayout(
 
 
 def format_journal(rows: Iterable[JournalRow]) -> str:
-    try:
-        return LAYOUT.format(rows)
-    except FieldError as exc:
-        raise JournalFileError(f"cannot write journal: {exc}") from None
+    return LAYOUT.format_or_raise(rows, JournalFileError, "journal")
 
 
 def write_journal(path: str | Path, rows: Iterable[JournalRow]) -> Path:
@@ -88,16 +85,7 @@ def write_journal(path: str | Path, rows: Iterable[JournalRow]) -> Path:
 
 def parse_journal(path_or_text: str | Path) -> list[JournalRow]:
     """Read a journal export row by row; JournalFileError on the first bad line."""
-    try:
-        text = read_text(path_or_text, MAX_JOURNAL_FILE_BYTES)
-        rows = []
-        for line_no, _raw, record, reason in LAYOUT.rows(text):
-            if record is None:
-                raise JournalFileError(f"line {line_no}: {reason}")
-            rows.append(record)
-    except FieldError as exc:
-        raise JournalFileError(f"journal rejected: {exc}") from None
-    return rows
+    return LAYOUT.parse_all(path_or_text, MAX_JOURNAL_FILE_BYTES, JournalFileError, "journal")
 
 
 def read_journal_polars(path: str | Path) -> pl.DataFrame:

@@ -197,6 +197,25 @@ class CsvLayout:
             writer.writerow(self.record.to_values(record))
         return out.getvalue()
 
+    def format_or_raise(self, records: Iterable[Any], error: type[Exception], what: str) -> str:
+        """:meth:`format`, with a field that cannot be written raised as ``error("cannot write WHAT: …")``."""
+        try:
+            return self.format(records)
+        except FieldError as exc:
+            raise error(f"cannot write {what}: {exc}") from None
+
+    def parse_all(self, path_or_text: str | Path, max_bytes: int, error: type[Exception], what: str) -> list[Any]:
+        """Every record of a file we expect to be wholly good: ``error`` on the first bad line or a bad file."""
+        try:
+            records = []
+            for line_no, _raw, record, reason in self.rows(read_text(path_or_text, max_bytes)):
+                if record is None:
+                    raise error(f"line {line_no}: {reason}")
+                records.append(record)
+        except FieldError as exc:
+            raise error(f"{what} rejected: {exc}") from None
+        return records
+
     def read_polars(self, source: str | Path | bytes) -> pl.DataFrame:
         """The whole file as a typed DataFrame (plus ``line_no``); LineError on the first bad line."""
         raw = source if isinstance(source, bytes) else Path(source).read_bytes()

@@ -14,8 +14,8 @@ from datetime import date
 from pathlib import Path
 
 from protocol.files import txn_fields as tf
-from protocol.files.fields import Date, FieldError, FreeText, Int, Pattern
-from protocol.files.layout import CsvLayout, RecordLayout, read_text
+from protocol.files.fields import Date, FreeText, Int, Pattern
+from protocol.files.layout import CsvLayout, RecordLayout
 from protocol.money import MAX_TOTAL_FEN
 
 MAX_SETTLEMENT_LINES = 100_000  # providers in one file
@@ -86,10 +86,7 @@ LAYOUT = CsvLayout(
 
 
 def format_settlement(rows: Iterable[SettlementRow]) -> str:
-    try:
-        return LAYOUT.format(rows)
-    except FieldError as exc:
-        raise SettlementFileError(f"cannot write settlement file: {exc}") from None
+    return LAYOUT.format_or_raise(rows, SettlementFileError, "settlement file")
 
 
 def write_settlement(path: str | Path, rows: Iterable[SettlementRow]) -> Path:
@@ -100,13 +97,4 @@ def write_settlement(path: str | Path, rows: Iterable[SettlementRow]) -> Path:
 
 def parse_settlement(path_or_text: str | Path) -> list[SettlementRow]:
     """Read a settlement file; SettlementFileError on the first bad line (a file we wrote is all good)."""
-    try:
-        text = read_text(path_or_text, MAX_SETTLEMENT_FILE_BYTES)
-        rows = []
-        for line_no, _raw, record, reason in LAYOUT.rows(text):
-            if record is None:
-                raise SettlementFileError(f"line {line_no}: {reason}")
-            rows.append(record)
-    except FieldError as exc:
-        raise SettlementFileError(f"settlement file rejected: {exc}") from None
-    return rows
+    return LAYOUT.parse_all(path_or_text, MAX_SETTLEMENT_FILE_BYTES, SettlementFileError, "settlement file")
