@@ -209,18 +209,6 @@ class HostClient:
         self.terminal_id = terminal_id
         link.add_terminal(terminal_id)
 
-    def _fail_unreadable(self, payload: bytes, exc: MessageError) -> None:
-        """An answer naming a waiting request that cannot be parsed: its outcome is unknown NOW (no need to wait
-        out the timeout); the request fails with :class:`HostTimeout`, so a purchase is reversed at once."""
-        try:
-            doc = json.loads(payload)
-        except ValueError:
-            return
-        orig = doc.get("orig_msg_id") if isinstance(doc, dict) else None
-        fut = self._pending.get(orig) if isinstance(orig, str) else None
-        if fut is not None and not fut.done():
-            fut.set_exception(HostTimeout(f"the host's answer could not be read ({str(exc)[:80]}); outcome unknown"))
-
     async def request(self, msg: Message, timeout_s: float) -> Message:
         if msg.terminal_id != self.terminal_id:
             raise ValueError("message for another terminal")
