@@ -3,7 +3,9 @@
 1. In-process: ``simulator.channel.SimReader`` → full session (select, internal auth via PSAM, SM read of
    the cardholder EF, entitlement, TTN, cryptogram, external auth, log append with PSAM MAC), one core.
    Target ≥ 500 swipes/s.
-2. Serial: the real serial driver against ``carepay sim reader --pty --baud 115200`` in a subprocess;
+2. Serial: the real serial driver against ``carepay sim reader --pty --baud 115200`` in a subprocess
+   (independent commands go as one APDU batch per exchange; the same run repeats it with
+   ``--no-apdu-batch``, one APDU per exchange, as the baseline);
    per session, overhead = session time − pure link time of the bytes that session actually put on the
    line in both directions (bytes × 10 / baud, 8N1). Target ≤ 5 ms/session for the median; p90 and mean
    are printed beside it (on a shared machine a few wake-ups are descheduled for tens of ms). The
@@ -74,13 +76,13 @@ def bench_in_process(suite: str, seconds: float) -> dict:
             "apdu_bytes_per_session": round(nbytes, 1)}
 
 
-def bench_serial(sessions: int, baud: int) -> dict:
+def bench_serial(sessions: int, baud: int, apdu_batch: bool = True) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         deck_path = Path(tmp) / "cards.json"
         deck = CardDeck(cards=issue_cards(1, aid=AID), issuer="demo:carepay-demo")
         deck.save(deck_path)
         cmd = [sys.executable, "-m", "ops.cli", "sim", "reader", "--pty", "--cards", str(deck_path),
-               "--volatile", "--baud", str(baud)]
+               "--volatile", "--baud", str(baud), "--apdu-batch" if apdu_batch else "--no-apdu-batch"]
         proc = subprocess.Popen(cmd, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                                 text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
         try:
@@ -92,7 +94,7 @@ def bench_serial(sessions: int, baud: int) -> dict:
                 session = CardSession(rd.card, psam, AID)
                 one_swipe(session)
                 b0 = rd.bytes_sent + rd.bytes_received
-                a0 = session.apdus
+                a0, x0 = session.apdus, rd.exchanges
                 times, overheads, nbytes = [], [], []
                 link0 = _reader_status(proc)
                 cpu0, rcpu0 = time.process_time(), _proc_cpu_s(proc.pid)
@@ -109,19 +111,21 @@ def bench_serial(sessions: int, baud: int) -> dict:
                 link1 = _reader_status(proc)
                 line_bytes = (rd.bytes_sent + rd.bytes_received - b0) / sessions
                 card_apdus = (session.apdus - a0) / sessions
+                exchanges = (rd.exchanges - x0) / sessions
         finally:
             proc.terminate()
             proc.wait(timeout=5)
     link_s = line_bytes * BITS_PER_BYTE / baud if baud else 0.0
     reader_link = {k: round((link1.get(k, 0.0) - link0.get(k, 0.0)) / sessions, 3)
                    for k in ("waits", "line_ms", "slept_ms", "late_ms")} if baud else {}
-    return {"baud": baud, "sessions": sessions, "session_ms": round(statistics.median(times) * 1000, 2),
+    return {"baud": baud, "apdu_batch": apdu_batch, "sessions": sessions, "session_ms": round(statistics.median(times) * 1000, 2),
             "session_mean_ms": round(statistics.fmean(times) * 1000, 2), "link_ms": round(link_s * 1000, 2),
             "overhead_ms": round(statistics.median(overheads) * 1000, 2),
             "overhead_p90_ms": round(_p90(overheads) * 1000, 2),
             "overhead_mean_ms": round(statistics.fmean(overheads) * 1000, 2),
             "line_bytes_per_session": round(line_bytes, 1), "line_bytes_min_max": [min(nbytes), max(nbytes)],
-            "card_apdus_per_session": card_apdus, "cpu_ms_per_session": round(cpu / sessions * 1000, 2),
+            "card_apdus_per_session": card_apdus, "reader_exchanges_per_session": exchanges,
+            "cpu_ms_per_session": round(cpu / sessions * 1000, 2),
             "reader_link_per_session": reader_link}
 
 
@@ -170,15 +174,19 @@ def main() -> None:
               f"{r['apdu_bytes_per_session']:.0f} APDU bytes per session")
     r0 = bench_serial(serial_sessions, 0)
     r = bench_serial(serial_sessions, BAUD)
+    rs = bench_serial(serial_sessions, BAUD, apdu_batch=False)  # the same run without the APDU batch: baseline
     result["serial_no_delay"] = r0
     result["serial_115200"] = r
+    result["serial_115200_single_apdus"] = rs
     print(f"serial, no link delay: median {r0['session_ms']} ms/session (driver + pty + reader + card work, no line "
           f"time); CPU of driver + reader {r0['cpu_ms_per_session']} ms/session; "
           f"{r0['line_bytes_per_session']:.0f} bytes on the line")
     print(f"serial @ {BAUD} baud: median {r['session_ms']} ms/session = {r['link_ms']} ms pure link time + "
           f"{r['overhead_ms']} ms overhead median, p90 {r['overhead_p90_ms']} ms, mean {r['overhead_mean_ms']} ms "
-          f"({r['line_bytes_per_session']:.0f} bytes both directions, {r['card_apdus_per_session']:.0f} card APDUs per "
-          f"session)")
+          f"({r['line_bytes_per_session']:.0f} bytes both directions, {r['card_apdus_per_session']:.0f} card APDUs and "
+          f"{r['reader_exchanges_per_session']:.0f} reader exchanges per session)")
+    print(f"  same link, reader without the APDU batch (one APDU per exchange): {rs['overhead_ms']} ms overhead median, "
+          f"p90 {rs['overhead_p90_ms']} ms ({rs['reader_exchanges_per_session']:.0f} exchanges per session)")
     rl = r["reader_link_per_session"]
     if rl:
         print(f"  reader link emulation per session: {rl['waits']:.0f} waits, {rl['line_ms']} ms line time, "

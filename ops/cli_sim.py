@@ -127,6 +127,9 @@ def reader(
     suite: str = typer.Option("sm4", "--suite", help="Suite of the demo cards when no --cards is given."),
     issuer_seed: str = typer.Option("carepay-demo", "--issuer-seed", help="Demo issuer seed without --cards."),
     volatile: bool = typer.Option(False, "--volatile", help="Do not write card/PSAM state back (benchmarks)."),
+    apdu_batch: bool = typer.Option(True, "--apdu-batch/--no-apdu-batch",
+                                    help="Run the APDU-batch command (several APDUs per frame); off: answer it "
+                                         "'unknown command' like a reader without it."),
 ) -> None:
     """A virtual serial reader (card slot + PSAM slot); prints the pty path, runs until stopped.
 
@@ -154,7 +157,7 @@ def reader(
         psam = VirtualPsam(key_sets, terminal_id=terminal_id, state_path=state)
     except ValueError as exc:
         raise BadInput(str(exc)) from None
-    rd = PtyReader(psam, baud=baud or None, deck=deck,
+    rd = PtyReader(psam, baud=baud or None, deck=deck, apdu_batch=apdu_batch,
                    log=lambda m: print(f"# {m}", file=sys.stderr, flush=True))
     if insert.lower() != "none" and deck.cards:
         try:

@@ -96,7 +96,7 @@ class Command:
         return len(self.data) > MAX_SHORT_LC or (self.le is not None and self.le > MAX_SHORT_LE)
 
     def header(self) -> bytes:
-        return HEADER.build({"cla": self.cla, "ins": self.ins, "p1": self.p1, "p2": self.p2})
+        return bytes((self.cla, self.ins, self.p1, self.p2))  # == HEADER.build(...) (tested)
 
     def to_bytes(self) -> bytes:
         """The wire bytes, short form unless the data or Le need the extended form."""
@@ -130,10 +130,9 @@ class Command:
             raise ApduError(f"APDU too short: {n} bytes, a command needs at least {HEADER_BYTES}")
         if n > MAX_APDU_BYTES:
             raise ApduError(f"APDU of {n} bytes exceeds MAX_APDU_BYTES={MAX_APDU_BYTES}")
-        h = HEADER.parse(raw[:HEADER_BYTES])
-        body = bytes(raw[HEADER_BYTES:])
-        data, le = cls._parse_body(body)
-        return cls(h.cla, h.ins, h.p1, h.p2, data, le)
+        # the header is four plain bytes (HEADER declares it; indexing is the hot path, same result — tested)
+        data, le = cls._parse_body(bytes(raw[HEADER_BYTES:]))
+        return cls(raw[0], raw[1], raw[2], raw[3], data, le)
 
     @staticmethod
     def _parse_body(body: bytes) -> tuple[bytes, int | None]:

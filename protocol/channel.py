@@ -15,6 +15,7 @@ or its driver library is missing / the link is down). All derive from
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
 SLOT_CARD = 0
@@ -27,7 +28,12 @@ DEFAULT_APDU_TIMEOUT_MS = 3_000
 
 
 class ChannelError(Exception):
-    """The exchange with a slot failed; the message names the slot and the reason, never the APDU bytes."""
+    """The exchange with a slot failed; the message names the slot and the reason, never the APDU bytes.
+
+    ``answers``: after :func:`transmit_many`, the responses of the commands that ran before the failure.
+    """
+
+    answers: tuple[bytes, ...] = ()
 
 
 class CardRemoved(ChannelError):
@@ -74,3 +80,29 @@ class Reader(Protocol):
     def psam(self) -> CardChannel: ...
 
     def close(self) -> None: ...
+
+
+POWER_ON = b""
+"""In :func:`transmit_many`, an empty command is a cold reset (power on) of the slot; its answer is the ATR."""
+
+
+def transmit_many(channel: CardChannel, apdus: Sequence[bytes]) -> list[bytes]:
+    """Send ``apdus`` to one slot in order; their responses. One reader exchange when the channel can
+    (``transmit_many`` on the channel, e.g. the serial reader's APDU batch), else one by one.
+    :data:`POWER_ON` (an empty command) powers the slot and answers the ATR.
+
+    Use it only for commands whose bytes do not depend on the previous answers. On failure the
+    :class:`ChannelError` carries in ``answers`` the responses of the commands that did run; the
+    command that failed and any after it have an unknown (failed) or no effect.
+    """
+    many = getattr(channel, "transmit_many", None)
+    if many is not None:
+        return list(many(list(apdus)))
+    out: list[bytes] = []
+    for apdu in apdus:
+        try:
+            out.append(channel.transmit(apdu) if apdu else channel.power_on())
+        except ChannelError as exc:
+            exc.answers = tuple(out)
+            raise
+    return out

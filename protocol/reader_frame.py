@@ -12,7 +12,19 @@ Layout (close to common desktop contact readers)::
   unsolicited event (``CMD_EVENT | 80``) with one data byte, ``EVENT_INSERTED`` / ``EVENT_REMOVED``.
 
 Commands: power on (answer data = ATR), power off, APDU (data = command APDU; answer
-data = response APDU), status (answer data = one byte, ``PRESENCE_*``).
+data = response APDU), status (answer data = one byte, ``PRESENCE_*``), and APDU batch
+(:data:`CMD_APDU_BATCH`: several APDUs for one slot in one frame — see :func:`batch_request`).
+
+APDU batch (house extension, like the multi-APDU "script" commands of many desktop readers): the
+request data is ``N × (LEN(2) ‖ APDU)`` for one slot, at most :data:`MAX_BATCH_ITEMS`; the reader
+runs them in order and answers ``M × (STATUS(1) ‖ LEN(2) ‖ response APDU)``, stopping after the
+first item whose reader status is not OK (card pulled, mute), so ``M ≤ N``. An item of length 0
+is a cold reset (power on) of the slot, answered with the ATR — so a session opens with one
+exchange: power on + SELECT. A batch whose answers
+might not fit one frame (:func:`batch_answer_bound`) is refused as a bad frame before any item
+runs. It saves line turnarounds when the next command does not depend on the previous answer
+(an authentication followed by GET CHALLENGE; two file reads). A reader without it answers
+``STATUS_UNKNOWN_COMMAND`` and runs nothing; the driver then sends the items one by one.
 
 One construct ``Struct`` (:data:`FRAME`) builds and parses a frame. :class:`FrameDecoder`
 cuts frames out of a byte stream: split reads, garbage between frames, bad checksums,
@@ -41,6 +53,8 @@ from construct import (
     this,
 )
 
+from protocol.apdu import ApduError, Command
+
 STX = 0x02
 ETX = 0x03
 RESPONSE_BIT = 0x80
@@ -49,9 +63,10 @@ CMD_POWER_ON = 0x10
 CMD_POWER_OFF = 0x11
 CMD_APDU = 0x12
 CMD_STATUS = 0x13
+CMD_APDU_BATCH = 0x14
 CMD_EVENT = 0x20
 COMMANDS = {CMD_POWER_ON: "power_on", CMD_POWER_OFF: "power_off", CMD_APDU: "apdu", CMD_STATUS: "status",
-            CMD_EVENT: "event"}
+            CMD_APDU_BATCH: "apdu_batch", CMD_EVENT: "event"}
 
 STATUS_OK = 0x00
 STATUS_NO_CARD = 0x01
@@ -76,6 +91,10 @@ MAX_DATA_BYTES = 300  # an extended-free APDU (5 + 255 + 1) or response (256 + 2
 MAX_BODY_BYTES = MIN_BODY_BYTES + 1 + MAX_DATA_BYTES
 MAX_FRAME_BYTES = FRAME_OVERHEAD_BYTES + MAX_BODY_BYTES
 MAX_BUFFER_BYTES = 4 * MAX_FRAME_BYTES  # decoder never holds more than this
+MAX_BATCH_ITEMS = 4
+BATCH_ITEM_HEAD_BYTES = 2  # request item: LEN(2)
+BATCH_ANSWER_HEAD_BYTES = 3  # answer item: STATUS(1) LEN(2)
+MAX_ATR_BYTES = 33  # ISO 7816-3: TS + at most 32 bytes
 
 
 class FrameError(ValueError):
@@ -283,3 +302,98 @@ def encode(frame: Frame) -> bytes:
     lenb = body.to_bytes(2, "big")
     inner = lenb + head + frame.data
     return bytes([STX]) + inner + bytes([bcc(inner), ETX])
+
+
+# --- APDU batch bodies (CMD_APDU_BATCH)
+
+
+def _expected_answer_bytes(apdu: bytes) -> int:
+    """The most response bytes a command can draw: Ne (from its Le) plus SW1 SW2."""
+    n = len(apdu)
+    if n == 0:  # power on: the ATR
+        return MAX_ATR_BYTES
+    if n == 5:  # short case 2 (the common one): Le in the last byte, 00 = 256
+        return (apdu[4] or 256) + 2
+    if n > 5 and apdu[4] and n == 6 + apdu[4]:  # short case 4
+        return (apdu[5 + apdu[4]] or 256) + 2
+    if n < 5 or (apdu[4] and n == 5 + apdu[4]):  # case 1, short case 3: no response data
+        return 2
+    try:  # extended forms (and malformed ones: a status word only)
+        le = Command.parse(apdu).le
+    except ApduError:
+        le = None
+    return (le or 0) + 2
+
+
+def batch_answer_bound(apdus: list[bytes]) -> int:
+    """The largest answer data a batch of ``apdus`` can produce (items' Ne + SW + item heads)."""
+    return sum(BATCH_ANSWER_HEAD_BYTES + _expected_answer_bytes(a) for a in apdus)
+
+
+def batch_fits(apdus: list[bytes]) -> bool:
+    """True when ``apdus`` can go as one CMD_APDU_BATCH (item count, request size, worst-case answer size)."""
+    return (1 <= len(apdus) <= MAX_BATCH_ITEMS
+            and sum(BATCH_ITEM_HEAD_BYTES + len(a) for a in apdus) <= MAX_DATA_BYTES
+            and batch_answer_bound(apdus) <= MAX_DATA_BYTES)
+
+
+def batch_request(apdus: list[bytes]) -> bytes:
+    """The data of a CMD_APDU_BATCH request; FrameError when the batch cannot be one frame."""
+    if not 1 <= len(apdus) <= MAX_BATCH_ITEMS:
+        raise FrameError(f"an APDU batch holds 1..{MAX_BATCH_ITEMS} commands, not {len(apdus)}")
+    out = bytearray()
+    for a in apdus:  # an empty item is a power on
+        out += len(a).to_bytes(2, "big") + a
+    if len(out) > MAX_DATA_BYTES:
+        raise FrameError(f"APDU batch of {len(out)} bytes exceeds MAX_DATA_BYTES={MAX_DATA_BYTES}")
+    if batch_answer_bound(apdus) > MAX_DATA_BYTES:
+        raise FrameError("the answers of this APDU batch might not fit one frame")
+    return bytes(out)
+
+
+def parse_batch_request(data: bytes) -> list[bytes]:
+    """The APDUs of a CMD_APDU_BATCH request; FrameError on a malformed or over-large batch."""
+    items: list[bytes] = []
+    i, n = 0, len(data)
+    while i < n:
+        if n - i < BATCH_ITEM_HEAD_BYTES:
+            raise FrameError("APDU batch item length truncated")
+        ln = (data[i] << 8) | data[i + 1]
+        i += BATCH_ITEM_HEAD_BYTES
+        if i + ln > n:
+            raise FrameError("APDU batch item length disagrees with the data")
+        items.append(bytes(data[i:i + ln]))
+        i += ln
+        if len(items) > MAX_BATCH_ITEMS:
+            raise FrameError(f"an APDU batch holds at most {MAX_BATCH_ITEMS} commands")
+    if not items:
+        raise FrameError("empty APDU batch")
+    if batch_answer_bound(items) > MAX_DATA_BYTES:
+        raise FrameError("the answers of this APDU batch might not fit one frame")
+    return items
+
+
+def batch_answer(items: list[tuple[int, bytes]]) -> bytes:
+    """The data of a CMD_APDU_BATCH answer from ``(status, response APDU)`` per item run."""
+    out = bytearray()
+    for status, rsp in items:
+        out += bytes([status]) + len(rsp).to_bytes(2, "big") + rsp
+    return bytes(out)
+
+
+def parse_batch_answer(data: bytes) -> list[tuple[int, bytes]]:
+    """``(status, response APDU)`` per item the reader ran; FrameError when malformed."""
+    items: list[tuple[int, bytes]] = []
+    i, n = 0, len(data)
+    while i < n:
+        if n - i < BATCH_ANSWER_HEAD_BYTES:
+            raise FrameError("APDU batch answer item truncated")
+        status, ln = data[i], (data[i + 1] << 8) | data[i + 2]
+        i += BATCH_ANSWER_HEAD_BYTES
+        if i + ln > n:
+            raise FrameError("APDU batch answer length disagrees with the data")
+        items.append((status, bytes(data[i:i + ln])))
+        i += ln
+        if len(items) > MAX_BATCH_ITEMS:
+            raise FrameError(f"an APDU batch answer holds at most {MAX_BATCH_ITEMS} items")
+    return items

@@ -94,11 +94,13 @@ class PtyReader:
     """A virtual reader on a pty. ``start()`` serves in a daemon thread; ``serve_forever()`` in the caller's."""
 
     def __init__(self, psam: SlotDevice, card: SlotDevice | None = None, *, baud: int | None = None,
-                 deck: CardDeck | None = None, log: Callable[[str], None] | None = None) -> None:
+                 deck: CardDeck | None = None, log: Callable[[str], None] | None = None,
+                 apdu_batch: bool = True) -> None:
         self.card = SimSlot("card", card)
         self.psam = SimSlot("psam", psam)
         self.deck = deck
         self.baud = baud
+        self.apdu_batch = apdu_batch  # False: behave like a reader without CMD_APDU_BATCH
         self.link = LinkClock(baud) if baud else None
         self.log = log or (lambda _msg: None)
         self.master_fd, self.slave_fd = os.openpty()
@@ -233,21 +235,42 @@ class PtyReader:
             slot.power_off()
             return rf.response(cmd, frame.slot)
         if cmd == rf.CMD_POWER_ON:
-            try:
-                return rf.response(cmd, frame.slot, rf.STATUS_OK, slot.power_on())
-            except CardRemoved:
-                return rf.response(cmd, frame.slot, rf.STATUS_NO_CARD)
+            return rf.response(cmd, frame.slot, *self._power_on(slot))
         if cmd == rf.CMD_APDU:
-            was_present = slot.card_present()
+            status, rsp = self._apdu(slot, frame.slot, frame.data)
+            return rf.response(cmd, frame.slot, status, rsp)
+        if cmd == rf.CMD_APDU_BATCH and self.apdu_batch:
             try:
-                return rf.response(cmd, frame.slot, rf.STATUS_OK, slot.transmit(frame.data))
-            except CardRemoved:
-                if was_present:  # pulled during this command: tell the host after the answer
-                    self._after.append(rf.response(rf.CMD_EVENT, frame.slot, rf.STATUS_OK, bytes([rf.EVENT_REMOVED])))
-                return rf.response(cmd, frame.slot, rf.STATUS_NO_CARD)
-            except ChannelError:
-                return rf.response(cmd, frame.slot, rf.STATUS_NOT_POWERED)
+                apdus = rf.parse_batch_request(frame.data)
+            except rf.FrameError:  # nothing runs
+                return rf.response(cmd, frame.slot, rf.STATUS_BAD_FRAME)
+            items: list[tuple[int, bytes]] = []
+            for apdu in apdus:  # in order; stop after the first item the slot could not run
+                status, rsp = self._apdu(slot, frame.slot, apdu) if apdu else self._power_on(slot)
+                items.append((status, rsp))
+                if status != rf.STATUS_OK:
+                    break
+            return rf.response(cmd, frame.slot, rf.STATUS_OK, rf.batch_answer(items))
         return rf.response(cmd, frame.slot, rf.STATUS_UNKNOWN_COMMAND)
+
+    @staticmethod
+    def _power_on(slot: SimSlot) -> tuple[int, bytes]:
+        try:
+            return rf.STATUS_OK, slot.power_on()
+        except CardRemoved:
+            return rf.STATUS_NO_CARD, b""
+
+    def _apdu(self, slot: SimSlot, slot_no: int, apdu: bytes) -> tuple[int, bytes]:
+        """Run one APDU in a slot: (reader status, response APDU)."""
+        was_present = slot.card_present()
+        try:
+            return rf.STATUS_OK, slot.transmit(apdu)
+        except CardRemoved:
+            if was_present:  # pulled during this command: tell the host after the answer
+                self._after.append(rf.response(rf.CMD_EVENT, slot_no, rf.STATUS_OK, bytes([rf.EVENT_REMOVED])))
+            return rf.STATUS_NO_CARD, b""
+        except ChannelError:
+            return rf.STATUS_NOT_POWERED, b""
 
     # --- control lines
 

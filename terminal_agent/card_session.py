@@ -41,10 +41,11 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 from protocol import card_files as cf
-from protocol.channel import CardChannel, CardRemoved, ChannelError, ChannelTimeout
+from protocol.channel import POWER_ON, CardChannel, CardRemoved, ChannelError, ChannelTimeout, transmit_many
 from protocol.ids import mask_card_no, mask_id_no
 from protocol.status_words import (
     SW_AUTH_BLOCKED,
+    SW_CONDITIONS_NOT_SATISFIED,
     SW_FILE_NOT_FOUND,
     SW_MAC_INVALID,
     SW_OK,
@@ -221,6 +222,15 @@ class CardTransaction:
         return asdict(self)
 
 
+def _session_error(exc: ChannelError, what: str, pending: PendingCryptogram | None) -> CardSessionError:
+    """The card-session error for a failed exchange (the message never carries APDU bytes)."""
+    if isinstance(exc, CardRemoved):
+        return CardSessionError(Reason.CARD_REMOVED, f"card removed during {what}", pending=pending)
+    if isinstance(exc, ChannelTimeout):
+        return CardSessionError(Reason.TIMEOUT, f"no answer from the card during {what}", pending=pending)
+    return CardSessionError(Reason.READER_ERROR, f"reader failed during {what}: {exc}", pending=pending)
+
+
 def _split(raw: bytes) -> tuple[bytes, int]:
     if len(raw) < 2:
         raise CardSessionError(Reason.CARD_ERROR, "card answered fewer than 2 bytes")
@@ -241,6 +251,7 @@ class CardSession:
         self.info: CardInfo | None = None
         self._serial = b""
         self._pin_verified = False
+        self._ext_challenge: bytes | None = None  # fetched with the cryptogram, spent by EXTERNAL AUTHENTICATE
         self.apdus = 0
 
     # --- plumbing
@@ -249,16 +260,29 @@ class CardSession:
         self.apdus += 1
         try:
             return _split(self.card.transmit(apdu))
-        except CardRemoved:
-            raise CardSessionError(Reason.CARD_REMOVED, f"card removed during {what}", pending=pending) from None
-        except ChannelTimeout:
-            raise CardSessionError(Reason.TIMEOUT, f"no answer from the card during {what}", pending=pending) from None
         except ChannelError as exc:
-            raise CardSessionError(Reason.READER_ERROR, f"reader failed during {what}: {exc}",
-                                   pending=pending) from None
+            raise _session_error(exc, what, pending) from None
+
+    def _transmit_many(self, apdus: list[bytes], what: str, pending: PendingCryptogram | None = None, *,
+                       keep_partial: bool = False) -> list[tuple[bytes, int]]:
+        """Independent commands in one reader exchange where the reader can (see protocol.channel.transmit_many).
+
+        A failure raises CardSessionError as :meth:`_transmit` would — unless ``keep_partial`` and some
+        commands ran: then their answers are returned (a shorter list) and the rest is dropped."""
+        self.apdus += len(apdus)
+        try:
+            return [_split(r) for r in transmit_many(self.card, apdus)]
+        except ChannelError as exc:
+            if keep_partial and exc.answers:
+                return [_split(r) for r in exc.answers]
+            raise _session_error(exc, what, pending) from None
 
     def _expect_ok(self, apdu: bytes, what: str) -> bytes:
         data, sw = self._transmit(apdu, what)
+        return self._check_ok(data, sw, what)
+
+    @staticmethod
+    def _check_ok(data: bytes, sw: int, what: str) -> bytes:
         if sw == SW_OK:
             return data
         if sw == SW_MAC_INVALID:
@@ -286,18 +310,32 @@ class CardSession:
             raise CardSessionError(Reason.CARD_ERROR, "no card session started")
         return self.info
 
+    @staticmethod
+    def _get_challenge(n: int) -> bytes:
+        return bytes([cf.CLA_PLAIN, cf.INS_GET_CHALLENGE, 0, 0, n])
+
     def _challenge(self, n: int, what: str) -> bytes:
-        ch = self._expect_ok(bytes([cf.CLA_PLAIN, cf.INS_GET_CHALLENGE, 0, 0, n]), f"GET CHALLENGE for {what}")
+        return self._challenge_ok(*self._transmit(self._get_challenge(n), f"GET CHALLENGE for {what}"), n, what)
+
+    def _challenge_ok(self, data: bytes, sw: int, n: int, what: str) -> bytes:
+        ch = self._check_ok(data, sw, f"GET CHALLENGE for {what}")
         if len(ch) != n:
             raise CardSessionError(Reason.CARD_ERROR, "challenge of the wrong length")
         return ch
 
-    def _sm_apdu(self, ins: int, p1: int, p2: int, data: bytes, le: int | None, what: str) -> bytes:
-        """A line-protected command: challenge from the card, MAC from the PSAM."""
+    @staticmethod
+    def _sm_header(ins: int, p1: int, p2: int, data: bytes) -> bytes:
+        return bytes([cf.CLA_SM, ins, p1, p2, len(data) + cf.SM_MAC_BYTES])
+
+    def _sm_apdu(self, ins: int, p1: int, p2: int, data: bytes, le: int | None, what: str,
+                 challenge: bytes | None = None, mac: bytes | None = None) -> bytes:
+        """A line-protected command: challenge from the card (or the one given), MAC from the PSAM (or given)."""
         info = self._info()
-        challenge = self._challenge(SM_CHALLENGE_BYTES, what)
-        header = bytes([cf.CLA_SM, ins, p1, p2, len(data) + cf.SM_MAC_BYTES])
-        mac = self._psam(self.psam.sm_mac, self._serial, info.key_version, info.suite, challenge, header + data)
+        header = self._sm_header(ins, p1, p2, data)
+        if mac is None:
+            if challenge is None:
+                challenge = self._challenge(SM_CHALLENGE_BYTES, what)
+            mac = self._psam(self.psam.sm_mac, self._serial, info.key_version, info.suite, challenge, header + data)
         return header + data + mac + (bytes([le]) if le is not None else b"")
 
     # --- step 1
@@ -306,14 +344,18 @@ class CardSession:
         """Power, select, authenticate and read the card. Raises CardSessionError."""
         self.info = None
         self._pin_verified = False
-        try:
-            self.card.power_on()
-        except CardRemoved:
-            raise CardSessionError(Reason.CARD_REMOVED, "no card in the reader") from None
+        self._ext_challenge = None
+        select = bytes([cf.CLA_PLAIN, cf.INS_SELECT, 0x04, 0x00, len(self.aid)]) + self.aid + b"\x00"
+        self.apdus += 1
+        try:  # power on and SELECT in one exchange
+            _atr, answer = transmit_many(self.card, [POWER_ON, select])
         except ChannelError as exc:
+            if exc.answers:  # powered, then lost during SELECT
+                raise _session_error(exc, "SELECT", None) from None
+            if isinstance(exc, CardRemoved):
+                raise CardSessionError(Reason.CARD_REMOVED, "no card in the reader") from None
             raise CardSessionError(Reason.READER_ERROR, f"cannot power the card: {exc}") from None
-        data, sw = self._transmit(bytes([cf.CLA_PLAIN, cf.INS_SELECT, 0x04, 0x00, len(self.aid)]) + self.aid + b"\x00",
-                                  "SELECT")
+        data, sw = _split(answer)
         if sw == SW_FILE_NOT_FOUND:
             raise CardSessionError(Reason.WRONG_AID, "the card has no civil-affairs application (6A82)", sw=sw)
         if sw != SW_OK:
@@ -329,26 +371,39 @@ class CardSession:
         self._serial = serial
         block = 16 if suite == "sm4" else 8
         rnd = os.urandom(block)
-        answer = self._expect_ok(bytes([cf.CLA_PLAIN, cf.INS_INTERNAL_AUTH, 0, 0, block]) + rnd + b"\x00",
-                                 "INTERNAL AUTHENTICATE")
-        if len(answer) != block or not self._psam(self.psam.verify_internal_auth, serial, kv, suite, rnd, answer):
+        # INTERNAL AUTHENTICATE and the challenge for the secure-messaging read: independent, one exchange
+        (ia, ia_sw), (ch, ch_sw) = self._transmit_many(
+            [bytes([cf.CLA_PLAIN, cf.INS_INTERNAL_AUTH, 0, 0, block]) + rnd + b"\x00",
+             self._get_challenge(SM_CHALLENGE_BYTES)], "INTERNAL AUTHENTICATE")
+        answer = self._check_ok(ia, ia_sw, "INTERNAL AUTHENTICATE")
+        sm_challenge = self._challenge_ok(ch, ch_sw, SM_CHALLENGE_BYTES, "READ BINARY cardholder EF")
+        read_data = b""
+        header = self._sm_header(cf.INS_READ_BINARY, 0x80 | cf.SFI_CARDHOLDER, 0, read_data)
+        # the PSAM checks the card and makes the read's MAC in one exchange
+        genuine, mac = (False, b"") if len(answer) != block else self._psam(
+            self.psam.verify_internal_auth_and_sm_mac, serial, kv, suite, rnd, answer, sm_challenge, header + read_data)
+        if not genuine:
             raise CardSessionError(Reason.FORGED, "internal authentication failed: the card is not genuine "
                                    "(forged or wrong issuer key)")
         # provisional info so _sm_apdu knows the key version and suite; cleared again on any failure
         self.info = CardInfo(serial.hex().upper(), kv, suite, int(fci["status"]), int(fci["atc"]),  # type: ignore[arg-type]
                              Cardholder("", "", "", "", "", "", "", 0, ""), (), 0)
         try:
-            self.info = self._read_files(self.info)
+            self.info = self._read_files(self.info, mac)
         except BaseException:
             self.info = None
             raise
         return self.info
 
-    def _read_files(self, info: CardInfo) -> CardInfo:
-        raw = self._expect_ok(self._sm_apdu(cf.INS_READ_BINARY, 0x80 | cf.SFI_CARDHOLDER, 0, b"", cf.CARDHOLDER_BYTES,
-                                            "READ BINARY cardholder EF"), "READ BINARY cardholder EF")
-        ent = self._expect_ok(bytes([cf.CLA_PLAIN, cf.INS_READ_BINARY, 0x80 | cf.SFI_ENTITLEMENT, 0,
-                                     cf.ENTITLEMENT_BYTES]), "READ BINARY entitlement EF")
+    def _read_files(self, info: CardInfo, mac: bytes) -> CardInfo:
+        # both reads in one exchange: the cardholder EF under secure messaging (MAC made by the PSAM), the plain one
+        (raw, raw_sw), (ent, ent_sw) = self._transmit_many(
+            [self._sm_apdu(cf.INS_READ_BINARY, 0x80 | cf.SFI_CARDHOLDER, 0, b"", cf.CARDHOLDER_BYTES,
+                           "READ BINARY cardholder EF", mac=mac),
+             bytes([cf.CLA_PLAIN, cf.INS_READ_BINARY, 0x80 | cf.SFI_ENTITLEMENT, 0, cf.ENTITLEMENT_BYTES])],
+            "READ BINARY cardholder and entitlement EFs")
+        raw = self._check_ok(raw, raw_sw, "READ BINARY cardholder EF")
+        ent = self._check_ok(ent, ent_sw, "READ BINARY entitlement EF")
         try:
             h = cf.parse(cf.CARDHOLDER, raw, "cardholder EF")
             e = cf.parse(cf.ENTITLEMENT, ent, "entitlement EF")
@@ -414,8 +469,15 @@ class CardSession:
             on_pending(pending)
         p1 = cf.CRYPTOGRAM_P1_PIN_VERIFIED if self._pin_verified else 0
         req = pending.request_bytes()
-        data, sw = self._transmit(bytes([cf.CLA_PROPRIETARY, cf.INS_CRYPTOGRAM, p1, 0, len(req)]) + req
-                                  + bytes([cf.CRYPTOGRAM_RESPONSE_BYTES]), "TRANSACTION CRYPTOGRAM", pending)
+        # the cryptogram and, in the same exchange, the challenge EXTERNAL AUTHENTICATE will answer after approval
+        answers = self._transmit_many([bytes([cf.CLA_PROPRIETARY, cf.INS_CRYPTOGRAM, p1, 0, len(req)]) + req
+                                       + bytes([cf.CRYPTOGRAM_RESPONSE_BYTES]),
+                                       self._get_challenge(EXTERNAL_AUTH_CHALLENGE_BYTES)],
+                                      "TRANSACTION CRYPTOGRAM", pending, keep_partial=True)
+        data, sw = answers[0]
+        self._ext_challenge = None
+        if len(answers) > 1 and answers[1][1] == SW_OK and len(answers[1][0]) == EXTERNAL_AUTH_CHALLENGE_BYTES:
+            self._ext_challenge = answers[1][0]
         if sw != SW_OK or len(data) != cf.CRYPTOGRAM_RESPONSE_BYTES:
             raise CardSessionError(Reason.CARD_ERROR, f"TRANSACTION CRYPTOGRAM: card answered {describe(sw)}",
                                    sw=sw, pending=pending)
@@ -470,16 +532,26 @@ class CardSession:
                                       "READ RECORD log")
             if sw == SW_OK and data == record:
                 return
-        challenge = self._challenge(EXTERNAL_AUTH_CHALLENGE_BYTES, "EXTERNAL AUTHENTICATE")
-        crypto = self._psam(self.psam.external_auth_cryptogram, self._serial, info.key_version, info.suite, challenge)
-        _, sw = self._transmit(bytes([cf.CLA_PLAIN, cf.INS_EXTERNAL_AUTH, 0, 0, len(crypto)]) + crypto,
-                               "EXTERNAL AUTHENTICATE")
+        cached, self._ext_challenge = self._ext_challenge, None
+        for challenge in (cached, None) if cached is not None else (None,):
+            if challenge is None:
+                challenge = self._challenge(EXTERNAL_AUTH_CHALLENGE_BYTES, "EXTERNAL AUTHENTICATE")
+            crypto = self._psam(self.psam.external_auth_cryptogram, self._serial, info.key_version, info.suite,
+                                challenge)
+            # EXTERNAL AUTHENTICATE and the challenge for the log append's MAC in one exchange
+            answers = self._transmit_many([bytes([cf.CLA_PLAIN, cf.INS_EXTERNAL_AUTH, 0, 0, len(crypto)]) + crypto,
+                                           self._get_challenge(SM_CHALLENGE_BYTES)], "EXTERNAL AUTHENTICATE")
+            sw = answers[0][1]
+            if sw == SW_CONDITIONS_NOT_SATISFIED and challenge is cached:
+                continue  # the card no longer holds the challenge fetched with the cryptogram: ask for a fresh one
+            break
         if sw != SW_OK:
             left = tries_left(sw)
             raise CardSessionError(Reason.PSAM_ERROR if left is not None else Reason.CARD_ERROR,
                                    f"EXTERNAL AUTHENTICATE refused: {describe(sw)}", sw=sw, tries=left)
-        self._expect_ok(self._sm_apdu(cf.INS_APPEND_RECORD, 0, cf.SFI_TXN_LOG << 3, record, None, "APPEND RECORD log"),
-                        "APPEND RECORD log")
+        sm_challenge = self._challenge_ok(*answers[1], SM_CHALLENGE_BYTES, "APPEND RECORD log")
+        self._expect_ok(self._sm_apdu(cf.INS_APPEND_RECORD, 0, cf.SFI_TXN_LOG << 3, record, None, "APPEND RECORD log",
+                                      challenge=sm_challenge), "APPEND RECORD log")
 
     def read_log(self, max_records: int = cf.LOG_RECORDS) -> list[dict[str, Any]]:
         """The card's transaction log, newest first (plain reads)."""

@@ -9,7 +9,7 @@ cryptogram and a secure-messaging MAC for a card's serial, and draw the next TTN
 from __future__ import annotations
 
 from protocol import card_files as cf
-from protocol.channel import CardChannel
+from protocol.channel import CardChannel, transmit_many
 from protocol.status_words import SW_OK, SW_REFERENCED_DATA_NOT_FOUND, SW_VERIFY_FAILED, describe
 
 TERMINAL_ID_BYTES = 8
@@ -32,6 +32,16 @@ def _split(raw: bytes) -> tuple[bytes, int]:
     if len(raw) < 2:
         raise PsamError("answer", 0x6F00)
     return raw[:-2], int.from_bytes(raw[-2:], "big")
+
+
+def _checked(what: str, raw: bytes) -> bytes:
+    """The data of a PSAM answer; PsamKeyMissing / PsamError unless 9000."""
+    data, sw = _split(raw)
+    if sw != SW_OK:
+        if sw == SW_REFERENCED_DATA_NOT_FOUND:
+            raise PsamKeyMissing(what, sw)
+        raise PsamError(what, sw)
+    return data
 
 
 class PsamSession:
@@ -58,13 +68,8 @@ class PsamSession:
             self._terminal_id = data.decode("ascii", "replace")
         return self._terminal_id
 
-    def _call(self, what: str, apdu: bytes, ok: tuple[int, ...] = (SW_OK,)) -> bytes:
-        data, sw = _split(self.channel.transmit(apdu))
-        if sw not in ok:
-            if sw == SW_REFERENCED_DATA_NOT_FOUND:
-                raise PsamKeyMissing(what, sw)
-            raise PsamError(what, sw)
-        return data
+    def _call(self, what: str, apdu: bytes) -> bytes:
+        return _checked(what, self.channel.transmit(apdu))
 
     @staticmethod
     def _keyed(ins: int, key_version: int, suite: str, data: bytes, le: int | None) -> bytes:
@@ -74,8 +79,26 @@ class PsamSession:
     def verify_internal_auth(self, app_serial: bytes, key_version: int, suite: str, challenge: bytes,
                              answer: bytes) -> bool:
         """True when ``answer`` is the card's internal-auth key applied to ``challenge``."""
-        apdu = self._keyed(cf.INS_PSAM_VERIFY_INTERNAL, key_version, suite, app_serial + challenge + answer, None)
-        _, sw = _split(self.channel.transmit(apdu))
+        return self._verified(self.channel.transmit(
+            self._verify_apdu(app_serial, key_version, suite, challenge, answer)))
+
+    def verify_internal_auth_and_sm_mac(self, app_serial: bytes, key_version: int, suite: str, challenge: bytes,
+                                        answer: bytes, sm_challenge: bytes, covered: bytes) -> tuple[bool, bytes]:
+        """:meth:`verify_internal_auth` and :meth:`sm_mac` in one reader exchange (independent commands).
+
+        The MAC is only returned when the verification succeeded (a forged card gets nothing more)."""
+        raw = transmit_many(self.channel, [self._verify_apdu(app_serial, key_version, suite, challenge, answer),
+                                           self._sm_mac_apdu(app_serial, key_version, suite, sm_challenge, covered)])
+        if not self._verified(raw[0]):
+            return False, b""
+        return True, self._mac_answer(raw[1])
+
+    def _verify_apdu(self, app_serial: bytes, key_version: int, suite: str, challenge: bytes, answer: bytes) -> bytes:
+        return self._keyed(cf.INS_PSAM_VERIFY_INTERNAL, key_version, suite, app_serial + challenge + answer, None)
+
+    @staticmethod
+    def _verified(raw: bytes) -> bool:
+        _, sw = _split(raw)
         if sw == SW_OK:
             return True
         if sw == SW_VERIFY_FAILED:
@@ -90,9 +113,16 @@ class PsamSession:
 
     def sm_mac(self, app_serial: bytes, key_version: int, suite: str, challenge: bytes, covered: bytes) -> bytes:
         """The line-protection MAC the card expects over ``covered`` (``CLA INS P1 P2 Lc' ‖ data``)."""
-        apdu = self._keyed(cf.INS_PSAM_SM_MAC, key_version, suite,
+        return self._mac_answer(self.channel.transmit(
+            self._sm_mac_apdu(app_serial, key_version, suite, challenge, covered)))
+
+    def _sm_mac_apdu(self, app_serial: bytes, key_version: int, suite: str, challenge: bytes, covered: bytes) -> bytes:
+        return self._keyed(cf.INS_PSAM_SM_MAC, key_version, suite,
                            app_serial + bytes([len(challenge)]) + challenge + covered, cf.SM_MAC_BYTES)
-        mac = self._call("secure-messaging MAC", apdu)
+
+    @staticmethod
+    def _mac_answer(raw: bytes) -> bytes:
+        mac = _checked("secure-messaging MAC", raw)
         if len(mac) != cf.SM_MAC_BYTES:
             raise PsamError("secure-messaging MAC length", 0x6700)
         return mac

@@ -57,12 +57,14 @@ class SerialChannel:
     def _check(self, frame: rf.Frame, what: str) -> bytes:
         if frame.status == rf.STATUS_OK:
             return frame.data
-        if frame.status == rf.STATUS_NO_CARD:
-            raise CardRemoved(f"no card in the {self.name} slot ({what})")
-        if frame.status == rf.STATUS_CARD_MUTE:
-            raise ChannelTimeout(f"{self.name} card mute ({what})")
-        raise ChannelError(f"{self.name} slot: reader says {rf.STATUS_NAMES.get(frame.status or 0, frame.status)}"
-                           f" ({what})")
+        raise self._error(frame.status or 0, what)
+
+    def _error(self, status: int, what: str) -> ChannelError:
+        if status == rf.STATUS_NO_CARD:
+            return CardRemoved(f"no card in the {self.name} slot ({what})")
+        if status == rf.STATUS_CARD_MUTE:
+            return ChannelTimeout(f"{self.name} card mute ({what})")
+        return ChannelError(f"{self.name} slot: reader says {rf.STATUS_NAMES.get(status, status)} ({what})")
 
     def power_on(self) -> bytes:
         return self._check(self.reader.exchange(rf.CMD_POWER_ON, self.slot, idempotent=True), "power on")
@@ -75,6 +77,60 @@ class SerialChannel:
 
     def transmit(self, apdu: bytes) -> bytes:
         return self._check(self.reader.exchange(rf.CMD_APDU, self.slot, apdu), "APDU")
+
+    def transmit_many(self, apdus: list[bytes]) -> list[bytes]:
+        """Several independent APDUs in as few exchanges as the frame allows (``CMD_APDU_BATCH``).
+
+        A reader that does not know the batch command answers "unknown command" without running
+        anything; from then on this reader gets the commands one by one. On a failed item the raised
+        ChannelError carries the answers of the items that ran before it.
+        """
+        out: list[bytes] = []
+        for group in self._groups(apdus):
+            try:
+                out += self._batch(group) if len(group) > 1 and self.reader.batching else \
+                    [self.transmit(a) if a else self.power_on() for a in group]
+            except ChannelError as exc:
+                exc.answers = tuple(out) + exc.answers
+                raise
+        return out
+
+    @staticmethod
+    def _groups(apdus: list[bytes]) -> list[list[bytes]]:
+        """Consecutive runs that fit one batch frame (item count, request and worst-case answer size)."""
+        if rf.batch_fits(apdus):
+            return [apdus]
+        groups: list[list[bytes]] = [[]]
+        for a in apdus:
+            trial = groups[-1] + [a]
+            if rf.batch_fits(trial):
+                groups[-1] = trial
+            else:
+                groups.append([a])
+        return [g for g in groups if g]
+
+    def _batch(self, group: list[bytes]) -> list[bytes]:
+        frame = self.reader.exchange(rf.CMD_APDU_BATCH, self.slot, rf.batch_request(group))
+        if frame.status == rf.STATUS_UNKNOWN_COMMAND:  # nothing ran: this reader has no batch command
+            self.reader.batching = False
+            return [self.transmit(a) if a else self.power_on() for a in group]
+        self._check(frame, "APDU batch")
+        try:
+            items = rf.parse_batch_answer(frame.data)
+        except rf.FrameError as exc:
+            raise ChannelError(f"{self.name} slot: malformed APDU batch answer ({exc})") from None
+        out: list[bytes] = []
+        for status, rsp in items[: len(group)]:
+            if status != rf.STATUS_OK:
+                err = self._error(status, "APDU batch item")
+                err.answers = tuple(out)
+                raise err
+            out.append(rsp)
+        if len(out) != len(group):
+            err = ChannelError(f"{self.name} slot: the reader ran {len(out)} of {len(group)} batched commands")
+            err.answers = tuple(out)
+            raise err
+        return out
 
     def card_present(self) -> bool:
         data = self._check(self.reader.exchange(rf.CMD_STATUS, self.slot, idempotent=True), "status")
@@ -105,6 +161,8 @@ class SerialReader:
         self.reconnects = 0
         self.bytes_sent = 0
         self.bytes_received = 0
+        self.exchanges = 0
+        self.batching = True  # the reader runs CMD_APDU_BATCH (cleared when it answers "unknown command")
 
     def __repr__(self) -> str:
         return f"SerialReader(port={self.port!r}, baud={self.baud}, open={self._ser is not None})"
@@ -115,7 +173,7 @@ class SerialReader:
         return {"frames": d.frames, "garbage_bytes": d.garbage_bytes, "bad_checksum": d.bad_checksum,
                 "bad_end": d.bad_end, "oversize": d.oversize, "undersize": d.undersize,
                 "stray_frames": self.stray_frames, "timeouts": self.timeouts, "reconnects": self.reconnects,
-                "bytes_sent": self.bytes_sent, "bytes_received": self.bytes_received}
+                "bytes_sent": self.bytes_sent, "bytes_received": self.bytes_received, "exchanges": self.exchanges}
 
     # --- port
 
@@ -130,6 +188,7 @@ class SerialReader:
             try:
                 self._ser = serial.Serial(self.port, self.baud, timeout=READ_POLL_S, write_timeout=self.timeout_ms / 1000)
                 self.decoder.reset()
+                self.batching = True  # whatever is plugged in now is asked again
                 if self._opened_before:
                     self.reconnects += 1
                 self._opened_before = True
@@ -256,6 +315,7 @@ class SerialReader:
         deadline = time.monotonic() + self.timeout_ms / 1000
         self._write_all(fd, raw, deadline)
         self.bytes_sent += len(raw)
+        self.exchanges += 1
         want = cmd | rf.RESPONSE_BIT
         while True:
             left = deadline - time.monotonic()
