@@ -1,8 +1,8 @@
 """Ledger posting throughput: purchases through the real group-commit writer vs a plain stdlib sqlite3 loop.
 
 Workload: 10,000 funded beneficiary (card) accounts and 200 provider payable accounts;
-each posting is one purchase — a transfer row, a host-journal row, a card-counter row and
-the two balance updates (aggregated per account per batch) — submitted by many concurrent
+each posting is one purchase — a transfer row, a host-journal row (carrying the card counter it
+spends, ``atc`` / ``atc_gap``, unique per card) and the two balance updates (aggregated per account per batch) — submitted by many concurrent
 coroutines to :class:`clearing.ledger.GroupCommitWriter` (which also de-duplicates, checks
 counters and balances, resolves business dates, allocates RRNs and transfer ids).
 
@@ -130,7 +130,7 @@ def run_stdlib(path: str, work, batch: int = GROUP_COMMIT_MAX_BATCH) -> float:
     t0 = time.perf_counter()
     for i in range(0, len(work), batch):
         chunk = work[i:i + batch]
-        tr_rows, host_rows, ctr_rows = [], [], []
+        tr_rows, host_rows = [], []
         deltas: dict[int, list[int]] = {}
         for k, (c, p, a, t, trace, atc) in enumerate(chunk, start=i):
             dr, cr = ids[f"card:{c}:voucher"], ids[f"provider:{p}:payable"]
@@ -139,8 +139,8 @@ def run_stdlib(path: str, work, batch: int = GROUP_COMMIT_MAX_BATCH) -> float:
             tr_rows.append((tid, f"purchase:{key}", dr, cr, a, "purchase", "2026-03-10", now, t, "009999", trace,
                             f"{rrn:012d}", None, None))
             host_rows.append((f"{rrn:012d}", key, f"{t}:S{k}", "0" * 64, "2026-03-10", p, t, "009999", trace,
-                              "PURCHASE", "voucher", c, a, 0, now, "SUCCESS", "00", f"S{k}", "123456", "meal", tid, ""))
-            ctr_rows.append((f"{c}:{atc + 200_000}", c, atc + 200_000, 0, f"{rrn:012d}", now))
+                              "PURCHASE", "voucher", c, a, 0, now, "SUCCESS", "00", f"S{k}", "123456", "meal",
+                              FUND_PER_CARD_FEN - a, tid, "", now, atc + 200_000, 0))
             deltas.setdefault(dr, [0, 0])[0] += a
             deltas.setdefault(cr, [0, 0])[1] += a
             tid += 1
@@ -152,11 +152,8 @@ def run_stdlib(path: str, work, batch: int = GROUP_COMMIT_MAX_BATCH) -> float:
                         "WHERE id = ?", [(d, c_, a) for a, (d, c_) in sorted(deltas.items())])
         con.executemany("INSERT INTO host_txns (rrn, txn_key, msg_key, request_hash, business_date, provider_id, "
                         "terminal_id, batch_no, trace_no, txn_type, program, card_no, amount_fen, fee_fen, txn_time, "
-                        "status, response_code, msg_id, auth_code, service_category, transfer_id, message, created_at) "
-                        "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                        [(*r, now) for r in host_rows])
-        con.executemany("INSERT INTO card_counters (counter_key, card_no, atc, gap, rrn, created_at) VALUES (?,?,?,?,?,?)",
-                        ctr_rows)
+                        "status, response_code, msg_id, auth_code, service_category, balance_after_fen, transfer_id, message, "
+                        "created_at, atc, atc_gap) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", host_rows)
         con.execute("COMMIT")
     elapsed = time.perf_counter() - t0
     con.close()

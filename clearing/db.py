@@ -205,14 +205,17 @@ class BulkWrite:
 
     arrays: list[tuple[str, list[list[Any]]]] = field(default_factory=list)  # PostgreSQL: one statement each
 
-    def insert(self, table: Table, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+    def insert(self, table: Table, columns: Sequence[str], rows: Sequence[Sequence[Any]], *,
+               converted: bool = False) -> None:
+        """``rows`` as tuples in ``columns`` order; ``converted``: dates and times are already in the driver's
+        form (SQLite text, see :func:`sqlite_date` / :func:`sqlite_datetime`), no per-value conversion."""
         if not rows:
             return
         if self.dialect.name == "postgresql":
-            self.arrays.append((_pg_unnest_insert(table, columns), [list(col) for col in zip(*rows, strict=True)]))
+            self.arrays.append(_pg_unnest_args(table, columns, rows))
             return
         sql, convs = _insert_plan(self.dialect, table, columns)
-        self.statements.append((sql, _convert(rows, convs)))
+        self.statements.append((sql, rows if converted else _convert(rows, convs)))
 
     def balance_deltas(self, deltas: dict[int, list[int]]) -> None:
         """``UPDATE accounts`` once per touched account (ids ascending): ``{id: [debit_fen, credit_fen]}``."""
@@ -268,17 +271,41 @@ def _pg_dialect() -> Dialect:
     return postgresql.dialect()
 
 
-_UNNEST_CACHE: dict[tuple[str, tuple[str, ...]], str] = {}
+_UNNEST_CACHE: dict[tuple[str, tuple[str, ...], tuple[bool, ...]], str] = {}
 
 
-def _pg_unnest_insert(table: Table, columns: Sequence[str]) -> str:
-    key = (table.name, tuple(columns))
+def _pg_unnest_insert(table: Table, columns: Sequence[str], same: Sequence[bool] | None = None) -> str:
+    """``INSERT … SELECT FROM unnest($n::type[], …)``; a column flagged in ``same`` (one value for every row)
+    is bound once as a scalar instead of as an array of copies."""
+    flags = tuple(same) if same is not None else (False,) * len(columns)
+    key = (table.name, tuple(columns), flags)
     sql = _UNNEST_CACHE.get(key)
     if sql is None:
-        arrays = ", ".join(f"${i}::{_pg_type(table.c[c])}[]" for i, c in enumerate(columns, start=1))
-        sql = f"INSERT INTO {table.name} ({', '.join(columns)}) SELECT * FROM unnest({arrays})"
+        exprs, arrays, names = [], [], []
+        for i, (c, one) in enumerate(zip(columns, flags, strict=True), start=1):
+            t = _pg_type(table.c[c])
+            if one:
+                exprs.append(f"${i}::{t}")
+            else:
+                arrays.append(f"${i}::{t}[]")
+                names.append(f"c{i}")
+                exprs.append(f"u.c{i}")
+        sql = (f"INSERT INTO {table.name} ({', '.join(columns)}) SELECT {', '.join(exprs)} "
+               f"FROM unnest({', '.join(arrays)}) AS u({', '.join(names)})")
         _UNNEST_CACHE[key] = sql
     return sql
+
+
+def _pg_unnest_args(table: Table, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> tuple[str, list[Any]]:
+    """The statement and its parameters for :func:`_pg_unnest_insert` (columns constant over ``rows`` as scalars:
+    a batch of purchases shares its business date, creation time, type, status, … — less to encode and send)."""
+    cols = [list(col) for col in zip(*rows, strict=True)]
+    n = len(rows)
+    same = [n > 1 and col.count(col[0]) == n for col in cols]  # list.count: C-level ==, no hashing
+    if all(same):  # unnest needs one array to give the row count
+        same[0] = False
+    params = [col[0] if one else col for col, one in zip(cols, same, strict=True)]
+    return _pg_unnest_insert(table, columns, same), params
 
 
 def _sqlite_run(raw: Any, statements: list[tuple[str, list[tuple[Any, ...]]]]) -> None:

@@ -8,7 +8,8 @@ writer task takes up to :data:`GROUP_COMMIT_MAX_BATCH` of them, waiting at most
    (duplicates), originals of voids/refunds/reversals, reversal tombstones; then, for
    requests that carry an ``auth`` context, the authorisation pipeline's snapshot
    (cards, terminals, providers: one query each) and its static participants (registry
-   checks, TAC verification) — see :class:`Authoriser`; then used card counters, and the
+   checks, TAC verification) — see :class:`Authoriser`; then the card counters (the
+   highest spent per card; the exact counter only when it is not above that), and the
    accounts (``FOR UPDATE`` in id order on PostgreSQL, so several
    worker processes never double-spend; SQLite has one writer via ``BEGIN IMMEDIATE``);
 2. resolves each posting's business date against the settlement windows;
@@ -17,13 +18,15 @@ writer task takes up to :data:`GROUP_COMMIT_MAX_BATCH` of them, waiting at most
    card-counter replay, void/refund/reversal rules, and the balance check (a
    beneficiary account never goes below zero: the request is declined ``51``);
 4. asserts the batch invariants (Σ debits = Σ credits; no beneficiary negative);
-5. writes with one ``executemany`` per table — transfers, host journal rows, card
-   counters — and one aggregated balance ``UPDATE`` per touched account.
+5. writes with one ``executemany`` per table — transfers, host journal rows (each carrying
+   the card counter it spent: ``atc``, unique per card) — and one aggregated balance
+   ``UPDATE`` per touched account; rows are built in the driver's types (dates and times
+   as SQLite text once per distinct value).
 
 On SQLite the whole batch (BEGIN IMMEDIATE … COMMIT) runs on the raw ``sqlite3``
 connection inside the aiosqlite thread — one thread hop per batch; on PostgreSQL it
 runs through SQLAlchemy with asyncpg, loads as ``= ANY($1)`` and writes as one
-``INSERT … SELECT FROM unnest(…)`` per table.
+``INSERT … SELECT FROM unnest(…)`` per table (columns constant over the batch bound once).
 
 Every request ends with exactly one host journal row (``host_txns``), approved or
 declined, except a duplicate (the stored answer is replayed) and an idempotency
@@ -34,13 +37,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import operator
 import secrets
 import sqlite3
 import time as _time
-from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections import defaultdict, deque
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from typing import Any, Protocol
@@ -61,11 +65,12 @@ from clearing.db import (
     executemany_sync,
     render_in,
     select_multi_in_sync,
+    sqlite_date,
     sqlite_datetime,
     write_transaction,
 )
 from clearing.pipeline import dedupe, metrics
-from clearing.schema import FLAG_NO_OVERDRAFT, accounts, card_counters, host_txns, transfers
+from clearing.schema import FLAG_NO_OVERDRAFT, accounts, host_txns, transfers
 from clearing.windows import MAX_CLOSED_DAYS_SKIPPED, Cutoff, resolve_business_dates_sync
 
 log = logging.getLogger("carepay.clearing.ledger")
@@ -88,17 +93,20 @@ SUCCESS, FAILED, REVERSED = "SUCCESS", "FAILED", "REVERSED"
 DEBIT_TYPES = (PURCHASE, ADVICE)
 CORRECTION_TYPES = (VOID, REFUND, REVERSAL)
 
-HOST_COLUMNS = (
-    "rrn", "txn_key", "msg_key", "request_hash", "business_date", "provider_id", "terminal_id", "batch_no",
-    "trace_no", "txn_type", "program", "card_no", "amount_fen", "fee_fen", "txn_time", "status", "orig_rrn",
-    "orig_key", "response_code", "msg_id", "auth_code", "service_category", "balance_after_fen", "transfer_id",
-    "message", "review_reason", "created_at",
+HOST_PLAIN_COLUMNS = (
+    "rrn", "txn_key", "msg_key", "request_hash", "provider_id", "terminal_id", "batch_no", "trace_no", "txn_type",
+    "program", "card_no", "amount_fen", "fee_fen", "status", "orig_rrn", "orig_key", "response_code", "msg_id",
+    "auth_code", "service_category", "balance_after_fen", "transfer_id", "message", "review_reason", "atc", "atc_gap",
 )
+HOST_TIME_COLUMNS = ("business_date", "txn_time", "created_at")
+HOST_COLUMNS = HOST_PLAIN_COLUMNS + HOST_TIME_COLUMNS
+"""The journal row the writer inserts: values that go to the driver as they are, then the date and times
+(converted to SQLite's text forms on SQLite, once per distinct value)."""
+_BLANK_ROW = dict.fromkeys(HOST_COLUMNS)
 TRANSFER_COLUMNS = (
     "id", "transfer_key", "debit_account_id", "credit_account_id", "amount_fen", "code", "business_date",
     "created_at", "terminal_id", "batch_no", "trace_no", "rrn", "corrects_transfer_id", "memo",
 )
-COUNTER_COLUMNS = ("counter_key", "card_no", "atc", "gap", "rrn", "created_at")
 
 
 class LedgerError(Exception):
@@ -222,6 +230,9 @@ class _Batch:
         self.screened: set[int] = set()
         self.prescreened = False
         self.now = datetime.now(UTC)
+        self.sqlite = store.dialect.name == "sqlite"
+        self.now_db = sqlite_datetime(self.now) if self.sqlite else self.now  # created_at as the driver takes it
+        self.date_db: dict[date, Any] = {}  # business date -> as the driver takes it
         self.by_key: dict[str, dict[str, Any]] = {}  # txn_key -> journal row (stored or new in this batch)
         self.by_msg: dict[str, dict[str, Any]] = {}
         self.by_rrn: dict[str, dict[str, Any]] = {}
@@ -234,7 +245,6 @@ class _Batch:
         self.accts_by_id: dict[int, _Acct] = {}
         self.new_rows: list[dict[str, Any]] = []
         self.new_transfers: list[tuple[Any, ...]] = []
-        self.new_counters: list[tuple[Any, ...]] = []
         self.status_updates: dict[int, str] = {}  # host_txns.id -> new status (originals reversed)
         self.deltas: dict[int, list[int]] = defaultdict(lambda: [0, 0])
 
@@ -274,18 +284,17 @@ class _Batch:
                 self.transfer_accounts[int(tid)] = (int(dr), int(cr))
         if not self.prescreened:
             self._screen(lambda r: dedupe.find(self.by_key, self.by_msg, r.txn_key, r.msg_key) is not None)
-        # card counters: used values and the highest per card (gaps), one round trip
-        ckeys = [f"{c[0]}:{c[1]}" for c in self.ctr if c]
-        cards = list({c[0] for c in self.ctr if c})
-        if ckeys:
-            for tag, key, atc in st.select(
-                    "SELECT 'used', counter_key, 0 FROM card_counters WHERE counter_key {IN1} "
-                       "UNION ALL SELECT 'max', card_no, max(atc) FROM card_counters WHERE card_no {IN2} "
-                       "GROUP BY card_no", [(ckeys, "text"), (cards, "text")]):
-                if tag == "used":
-                    self.used_counters.add(key)
-                else:
-                    self.max_atc[key] = int(atc)
+        # card counters: the highest spent per card (gaps; one index probe per card), then — only for
+        # counters not above it (replays, late arrivals) — whether that exact counter was spent
+        pairs = {c for c in self.ctr if c}
+        if pairs:
+            top = self.max_atc
+            for card, atc in st.max_atc(list({c for c, _ in pairs})):
+                if atc is not None:
+                    top[card] = int(atc)
+            below = [(c, a) for c, a in pairs if c in top and a <= top[c]]
+            if below:
+                self.used_counters.update(f"{c}:{a}" for c, a in st.used_atc(below))
         # accounts, locked in id order (PostgreSQL) so concurrent workers serialise on shared accounts
         live = [r for r, d in zip(self.reqs, self.decl, strict=True) if d is None]  # declined: no money, no accounts
         codes = {r.debit for r in live if r.debit} | {r.credit for r in live if r.credit}
@@ -346,13 +355,17 @@ class _Batch:
     def _lock_accounts(self, codes: set[str], ids: list[int]) -> None:
         if not codes and not ids:
             return
+        # PostgreSQL: rows locked in id order (workers never deadlock). SQLite: the batch already holds the one
+        # write lock (BEGIN IMMEDIATE) — no sort; and purchases only name codes (no OR over a second list).
+        where = "code {IN1} OR id {IN2}" if ids else "code {IN1}"
+        order = "" if self.sqlite else " ORDER BY id"
+        lists = [(sorted(codes) if not self.sqlite else list(codes), "text")] + ([(ids, "bigint")] if ids else [])
+        accts, by_id = self.accts, self.accts_by_id
         for aid, code, flags, dr, cr in self.store.select(
-                "SELECT id, code, flags, debits_posted, credits_posted FROM accounts "
-                           "WHERE code {IN1} OR id {IN2} ORDER BY id {FOR_UPDATE}",
-                [(sorted(codes), "text"), (ids, "bigint")]):
+                f"SELECT id, code, flags, debits_posted, credits_posted FROM accounts WHERE {where}{order} "
+                "{FOR_UPDATE}", lists):
             a = _Acct(int(aid), code, int(flags), int(dr), int(cr))
-            self.accts[code] = a
-            self.accts_by_id[a.id] = a
+            accts[code] = by_id[a.id] = a
 
     def _remember(self, row: dict[str, Any]) -> None:
         self.by_key[row["txn_key"]] = row
@@ -370,17 +383,23 @@ class _Batch:
         ids = self.store.allocate({"rrn": len(self.reqs), "transfer_id": n_posting})
         rrns = iter(ids.get("rrn", []))
         tids = iter(ids.get("transfer_id", []))
-        self._codes = iter(_auth_codes(len(self.reqs)))
+        codes = _auth_codes(len(self.reqs))
+        if self.sqlite:
+            self.date_db = {d: sqlite_date(d) for d in effective.values()}
+        else:
+            self.date_db = {d: d for d in effective.values()}
+        by_key, by_msg, new_rows = self.by_key, self.by_msg, self.new_rows
         out: list[TxnOutcome | BaseException] = []
         for i, req in enumerate(self.reqs):
-            dup = dedupe.find(self.by_key, self.by_msg, req.txn_key, req.msg_key)
+            dup = (dedupe.find(by_key, by_msg, req.txn_key, req.msg_key)
+                   if req.txn_key in by_key or req.msg_key in by_msg else None)
             if dup is not None:
                 if dup["request_hash"] != req.request_hash:
                     out.append(IdempotencyConflict(req.txn_key, dup))
                 else:
                     out.append(TxnOutcome(dup, duplicate=True))
                 continue
-            row = self._new_row(req, f"{next(rrns):012d}", effective[nominal[i]])
+            row = self._new_row(req, f"{next(rrns):012d}", effective[nominal[i]], codes[i])
             decline, counter = self.decl[i], self.ctr[i]
             if decline is None and req.auth is not None and self.authoriser is not None:
                 if i not in self.screened:  # cannot happen: a non-duplicate with ``auth`` is always screened
@@ -402,19 +421,17 @@ class _Batch:
                 row["auth_code"] = None
                 if req.txn_type == ADVICE and row["status"] == FAILED:
                     row["review_reason"] = row["review_reason"] or f"advice_declined_{row['response_code']}"
-            self._remember(row)
-            self.new_rows.append(row)
+            by_key[row["txn_key"]] = by_msg[row["msg_key"]] = self.by_rrn[row["rrn"]] = row  # _remember
+            new_rows.append(row)
             out.append(TxnOutcome(row))
         return out
 
-    def _new_row(self, req: TxnRequest, rrn: str, bdate: date) -> dict[str, Any]:
-        row = dict.fromkeys(HOST_COLUMNS)
-        row.update(req.row)
-        row.update(rrn=rrn, txn_key=req.txn_key, msg_key=req.msg_key, request_hash=req.request_hash,
-                   business_date=bdate, txn_type=req.txn_type, fee_fen=0, status=SUCCESS, orig_key=req.orig_key,
-                   response_code="00", auth_code=next(self._codes), message=req.row.get("message") or "",
-                   review_reason=req.review_reason, created_at=self.now)
-        return row
+    def _new_row(self, req: TxnRequest, rrn: str, bdate: date, auth_code: str) -> dict[str, Any]:
+        r = req.row
+        return {**_BLANK_ROW, **r, "rrn": rrn, "txn_key": req.txn_key, "msg_key": req.msg_key,
+                "request_hash": req.request_hash, "business_date": bdate, "txn_type": req.txn_type, "fee_fen": 0,
+                "status": SUCCESS, "orig_key": req.orig_key, "response_code": "00", "auth_code": auth_code,
+                "message": r.get("message") or "", "review_reason": req.review_reason, "created_at": self.now}
 
     def _counter_ok(self, counter: tuple[str, int] | None, row: dict[str, Any]) -> bool:
         if not counter:
@@ -428,10 +445,10 @@ class _Batch:
         gap = 0 if last is None or atc <= last else atc - last - 1
         self.used_counters.add(key)
         self.max_atc[card_no] = atc if last is None else max(last, atc)
-        self.new_counters.append((key, card_no, atc, gap, row["rrn"], self.now))
+        row["atc"], row["atc_gap"] = atc, gap
         return True
 
-    def _decide(self, req: TxnRequest, row: dict[str, Any], tids: Iterable[int],
+    def _decide(self, req: TxnRequest, row: dict[str, Any], tids: Iterator[int],
                 counter: tuple[str, int] | None) -> None:
         if req.txn_type in DEBIT_TYPES:
             if not self._counter_ok(counter, row):
@@ -448,20 +465,21 @@ class _Batch:
         self._void_or_refund(req, row, tids)
 
     def _post(self, row: dict[str, Any], debit: _Acct, credit: _Acct, code: str, corrects: int | None,
-              tids: Iterable[int]) -> bool:
+              tids: Iterator[int]) -> bool:
         amount = int(row["amount_fen"])
         if debit.flags & FLAG_NO_OVERDRAFT and debit.balance < amount:
             row["response_code"], row["message"] = "51", "insufficient balance"
             row["balance_after_fen"] = debit.balance
             return False
-        tid = next(iter(tids))
+        tid = next(tids)
         debit.debits += amount
         credit.credits += amount
-        self.deltas[debit.id][0] += amount
-        self.deltas[credit.id][1] += amount
-        self.new_transfers.append((
-            tid, f"{code}:{row['txn_key']}", debit.id, credit.id, amount, code, row["business_date"], self.now,
-            row["terminal_id"], row["batch_no"], row["trace_no"], row["rrn"], corrects, None,
+        deltas = self.deltas
+        deltas[debit.id][0] += amount
+        deltas[credit.id][1] += amount
+        self.new_transfers.append((  # TRANSFER_COLUMNS, in the driver's types
+            tid, f"{code}:{row['txn_key']}", debit.id, credit.id, amount, code, self.date_db[row["business_date"]],
+            self.now_db, row["terminal_id"], row["batch_no"], row["trace_no"], row["rrn"], corrects, None,
         ))
         self.transfer_accounts[tid] = (debit.id, credit.id)
         row["transfer_id"] = tid
@@ -476,7 +494,7 @@ class _Batch:
         card, provider = self.accts_by_id.get(pair[0]), self.accts_by_id.get(pair[1])
         return None if card is None or provider is None else (card, provider)
 
-    def _reversal(self, req: TxnRequest, row: dict[str, Any], tids: Iterable[int]) -> None:
+    def _reversal(self, req: TxnRequest, row: dict[str, Any], tids: Iterator[int]) -> None:
         assert req.orig_key
         orig = self.by_key.get(req.orig_key)
         if orig is None:
@@ -508,7 +526,7 @@ class _Batch:
             if orig.get("id") is not None:
                 self.status_updates[orig["id"]] = REVERSED
 
-    def _void_or_refund(self, req: TxnRequest, row: dict[str, Any], tids: Iterable[int]) -> None:
+    def _void_or_refund(self, req: TxnRequest, row: dict[str, Any], tids: Iterator[int]) -> None:
         orig = self.by_rrn.get(row.get("orig_rrn") or "")
         if orig is None or orig["txn_type"] not in DEBIT_TYPES:
             row["response_code"], row["message"] = "25", "original not found"
@@ -565,11 +583,20 @@ class _Batch:
 
     def write(self) -> None:
         bw = BulkWrite(self.store.dialect)
-        bw.insert(transfers, TRANSFER_COLUMNS, self.new_transfers)
+        bw.insert(transfers, TRANSFER_COLUMNS, self.new_transfers, converted=True)
         bw.balance_deltas(self.deltas)
-        pick = operator.itemgetter(*HOST_COLUMNS)
-        bw.insert(host_txns, HOST_COLUMNS, [pick(r) for r in self.new_rows])
-        bw.insert(card_counters, COUNTER_COLUMNS, self.new_counters)
+        pick = operator.itemgetter(*HOST_PLAIN_COLUMNS)
+        dates, now_db = self.date_db, self.now_db
+        if self.sqlite:  # txn_time: usually a handful of distinct values per batch
+            times: dict[datetime, Any] = {}
+            for r in self.new_rows:
+                t = r["txn_time"]
+                if t not in times:
+                    times[t] = sqlite_datetime(t)
+        else:
+            times = {r["txn_time"]: r["txn_time"] for r in self.new_rows}
+        bw.insert(host_txns, HOST_COLUMNS, [(*pick(r), dates[r["business_date"]], times[r["txn_time"]], now_db)
+                                            for r in self.new_rows], converted=True)
         self.store.bulk(bw)
         if self.status_updates:
             self.store.set_status(sorted(self.status_updates.items()))
@@ -586,6 +613,14 @@ class _SaStore:
         if not any(values for values, _ in lists):
             return []
         return select_multi_in_sync(self.conn, sql, lists)
+
+    def max_atc(self, cards: list[str]) -> list[tuple[Any, ...]]:
+        return [tuple(r) for r in self.conn.exec_driver_sql(_PG_MAX_ATC if self.dialect.name == "postgresql"
+                                                            else _SQLITE_MAX_ATC, _atc_params(self.dialect, cards))]
+
+    def used_atc(self, pairs: list[tuple[str, int]]) -> list[tuple[Any, ...]]:
+        sql, params = _used_atc_query(self.dialect.name == "postgresql", pairs)
+        return [tuple(r) for r in self.conn.exec_driver_sql(sql, params)]
 
     def host_rows(self, ids: list[int]) -> list[dict[str, Any]]:
         out = []
@@ -612,6 +647,27 @@ class _SaStore:
 
 _HOST_ALL = [c.name for c in host_txns.columns]
 
+# The highest counter spent per card: a correlated max() is one index probe per card (uq_host_txns_card_atc).
+_SQLITE_MAX_ATC = ("SELECT j.value, (SELECT max(h.atc) FROM host_txns AS h WHERE h.card_no = j.value "
+                   "AND h.atc IS NOT NULL) FROM json_each(?) AS j")
+_PG_MAX_ATC = ("SELECT j.c, (SELECT max(h.atc) FROM host_txns AS h WHERE h.card_no = j.c AND h.atc IS NOT NULL) "
+               "FROM unnest($1::text[]) AS j(c)")
+
+
+def _atc_params(dialect: Any, cards: list[str]) -> tuple[Any, ...]:
+    return (cards,) if dialect.name == "postgresql" else (json.dumps(cards),)
+
+
+def _used_atc_query(pg: bool, pairs: list[tuple[str, int]]) -> tuple[str, tuple[Any, ...]]:
+    """Which of the (card, counter) pairs a journal row has spent: one probe each."""
+    if pg:
+        return ("SELECT h.card_no, h.atc FROM unnest($1::text[], $2::int[]) AS j(c, a) JOIN host_txns AS h "
+                "ON h.card_no = j.c AND h.atc = j.a WHERE h.atc IS NOT NULL",
+                ([c for c, _ in pairs], [a for _, a in pairs]))
+    return ("SELECT h.card_no, h.atc FROM json_each(?) AS j CROSS JOIN host_txns AS h "
+            "ON h.card_no = j.value ->> 0 AND h.atc = j.value ->> 1 WHERE h.atc IS NOT NULL",
+            (json.dumps(pairs),))
+
 
 def _sqlite_dt(v: Any) -> Any:
     if v is None or isinstance(v, datetime):
@@ -632,6 +688,12 @@ class _RawSqliteStore:
             return []
         q, params = render_in(sql, lists, True)
         return self.raw.execute(q, params).fetchall()
+
+    def max_atc(self, cards: list[str]) -> list[tuple[Any, ...]]:
+        return self.raw.execute(_SQLITE_MAX_ATC, (json.dumps(cards),)).fetchall()
+
+    def used_atc(self, pairs: list[tuple[str, int]]) -> list[tuple[Any, ...]]:
+        return self.raw.execute(*_used_atc_query(False, pairs)).fetchall()
 
     def host_rows(self, ids: list[int]) -> list[dict[str, Any]]:
         q, params = render_in(f"SELECT {', '.join(_HOST_ALL)} FROM host_txns WHERE id {{IN}}", [(ids, "bigint")], True)
@@ -733,7 +795,12 @@ class GroupCommitWriter:
         self.window_s = window_ms / 1000.0
         self.max_batch = max_batch
         self.stats = WriterStats()
-        self._queue: asyncio.Queue[TxnRequest] = asyncio.Queue()
+        # the queue: a deque and two events (asyncio.Queue's per-item bookkeeping costs more than the batch does)
+        self._pending: deque[TxnRequest] = deque()
+        self._arrived = asyncio.Event()  # set when a request was queued since the writer last looked
+        self._unanswered = 0  # queued or in a batch, future not yet resolved
+        self._drained = asyncio.Event()  # set while nothing is unanswered (stop() waits for it)
+        self._drained.set()
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -744,7 +811,7 @@ class GroupCommitWriter:
         """Finish what is queued, then stop."""
         if self._task is None:
             return
-        await self._queue.join()
+        await self._drained.wait()
         self._task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._task
@@ -761,23 +828,31 @@ class GroupCommitWriter:
         """Queue one request and wait for its batch to commit. Raises :class:`IdempotencyConflict`."""
         if self._task is None:
             raise LedgerError("the ledger writer is not started")
-        req.future = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait(req)
-        return await req.future
+        fut = req.future = asyncio.get_running_loop().create_future()
+        self._pending.append(req)
+        if self._unanswered == 0:
+            self._drained.clear()
+        self._unanswered += 1
+        self._arrived.set()
+        return await fut
 
     async def _collect(self) -> list[TxnRequest]:
-        first = await self._queue.get()
-        batch = [first]
+        pending, arrived = self._pending, self._arrived
+        while not pending:
+            arrived.clear()
+            await arrived.wait()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.window_s
-        while len(batch) < self.max_batch:
-            while len(batch) < self.max_batch and not self._queue.empty():
-                batch.append(self._queue.get_nowait())
+        batch = [pending.popleft()]
+        while True:
+            take = min(self.max_batch - len(batch), len(pending))
+            batch.extend([pending.popleft() for _ in range(take)])
             remaining = deadline - loop.time()
             if len(batch) >= self.max_batch or remaining <= 0:
                 break
+            arrived.clear()
             try:  # keep collecting while requests keep coming; an idle gap ends the batch early
-                batch.append(await asyncio.wait_for(self._queue.get(), min(remaining, GROUP_COMMIT_IDLE_GAP_S)))
+                await asyncio.wait_for(arrived.wait(), min(remaining, GROUP_COMMIT_IDLE_GAP_S))
             except TimeoutError:
                 break
         return batch
@@ -791,12 +866,15 @@ class GroupCommitWriter:
                 log.exception("ledger batch of %d failed: %s", len(batch), type(exc).__name__)
                 results = [LedgerError(f"ledger batch failed: {type(exc).__name__}")] * len(batch)
             for req, res in zip(batch, results, strict=True):
-                if req.future is not None and not req.future.done():
+                fut = req.future
+                if fut is not None and not fut.done():
                     if isinstance(res, BaseException):
-                        req.future.set_exception(res)
+                        fut.set_exception(res)
                     else:
-                        req.future.set_result(res)
-                self._queue.task_done()
+                        fut.set_result(res)
+            self._unanswered -= len(batch)
+            if self._unanswered == 0:
+                self._drained.set()
 
     async def _write_once(self, batch: list[TxnRequest]) -> list[TxnOutcome | BaseException]:
         if self.engine.dialect.name == "sqlite" and RAW_SQLITE_BATCH:

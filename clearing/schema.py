@@ -229,24 +229,22 @@ host_txns = Table(
     Column("message", String(200), nullable=False, default=""),
     Column("review_reason", String(64)),  # set when end of day should open an error case (e.g. failed advice)
     Column("created_at", UtcDateTime, nullable=False),
+    Column("atc", Integer),  # the card counter this row spent (PURCHASE/ADVICE whose TAC verified), see below
+    Column("atc_gap", Integer),  # counters skipped since the highest seen for the card (0 = none)
 )
 Index("ix_host_txns_business_date", host_txns.c.business_date)
 Index("ix_host_txns_terminal_batch", host_txns.c.terminal_id, host_txns.c.batch_no)
-Index("ix_host_txns_orig_rrn", host_txns.c.orig_rrn)
-Index("ix_host_txns_orig_key", host_txns.c.orig_key)
-
-card_counters = Table(
-    "card_counters",
-    metadata,
-    Column("id", _BIGID, primary_key=True, autoincrement=True),
-    Column("counter_key", String(40), nullable=False, unique=True),  # card_no:atc — a TAC counter is used once
-    Column("card_no", String(CARD_NO_LEN), nullable=False),
-    Column("atc", Integer, nullable=False),
-    Column("gap", Integer, nullable=False, default=0),  # counters skipped since the highest seen (0 = none)
-    Column("rrn", String(RRN_LEN)),
-    Column("created_at", UtcDateTime, nullable=False),
-)
-Index("ix_card_counters_card", card_counters.c.card_no, card_counters.c.atc)
+# Only corrections carry these (purchases, the bulk of the journal, hold NULL): partial indexes stay small.
+Index("ix_host_txns_orig_rrn", host_txns.c.orig_rrn, sqlite_where=host_txns.c.orig_rrn.is_not(None),
+      postgresql_where=host_txns.c.orig_rrn.is_not(None))
+Index("ix_host_txns_orig_key", host_txns.c.orig_key, sqlite_where=host_txns.c.orig_key.is_not(None),
+      postgresql_where=host_txns.c.orig_key.is_not(None))
+# Card counters (卡交易序号 ATC): the journal row that spent a card's TAC counter carries it in ``atc``
+# (``atc_gap`` = counters skipped since the highest seen before it, 0 = none). Each (card, counter) is spent
+# at most once — a replayed TAC is declined ``59`` and its row carries no ``atc``. Until migration 0002 this
+# was the separate table ``card_counters`` (counter_key UNIQUE): the same rule, one row and two indexes more.
+Index("uq_host_txns_card_atc", host_txns.c.card_no, host_txns.c.atc, unique=True,
+      sqlite_where=host_txns.c.atc.is_not(None), postgresql_where=host_txns.c.atc.is_not(None))
 
 settlement_windows = Table(
     "settlement_windows",

@@ -1,5 +1,6 @@
 """Card counter (卡交易序号 ATC): each counter value of a card is used once (a replayed TAC is
-declined ``59``); gaps are recorded by the writer (``card_counters.gap``).
+declined ``59``); the writer stores the counter on the journal row that spends it
+(``host_txns.atc``, UNIQUE per card) and records gaps (``host_txns.atc_gap``).
 
 Reads the counters used so far — stored, and earlier in the same batch — from the snapshot.
 """
