@@ -48,7 +48,7 @@ BITS_PER_BYTE = 10
 
 
 def one_swipe(session: CardSession, amount_fen: int = 1_000) -> None:
-    session.start()
+    session.start(purchase=True)  # as the terminal agent's purchase flow does
     txn = session.authorize(amount_fen, "voucher")
     session.complete(txn)
 

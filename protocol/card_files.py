@@ -228,12 +228,25 @@ TRANSACTION_PROVE = Struct("request" / Bytes(CRYPTOGRAM_REQUEST_BYTES), "atc" / 
 """GET TRANSACTION PROVE answer: the original request, the ATC and the TAC (recovery after a tear)."""
 
 
+_COMPILED: dict[int, tuple[Struct, int, object]] = {}
+
+
+def _compiled(struct: Struct) -> tuple[int, object]:
+    """``(size, parser)``: construct's compiled form of a declaration (same results, about twice as fast;
+    checked by the tests), made once per struct."""
+    hit = _COMPILED.get(id(struct))
+    if hit is None or hit[0] is not struct:
+        hit = _COMPILED[id(struct)] = (struct, struct.sizeof(), struct.compile())
+    return hit[1], hit[2]
+
+
 def parse(struct: Struct, raw: bytes, what: str):  # type: ignore[no-untyped-def]
     """Parse ``raw`` with ``struct`` exactly; CardFileError naming ``what`` on any damage."""
-    if len(raw) != struct.sizeof():
-        raise CardFileError(f"{what}: expected {struct.sizeof()} bytes, got {len(raw)}")
+    size, parser = _compiled(struct)
+    if len(raw) != size:
+        raise CardFileError(f"{what}: expected {size} bytes, got {len(raw)}")
     try:
-        return struct.parse(raw)
+        return parser.parse(raw)  # type: ignore[attr-defined]
     except (ConstructError, CardFileError, UnicodeDecodeError) as exc:
         raise CardFileError(f"{what}: {exc if isinstance(exc, CardFileError) else 'malformed'}") from None
 

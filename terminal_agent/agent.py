@@ -318,7 +318,7 @@ class TerminalAgent:
         batch = self.journal.batch_no
         try:
             if not card_started:
-                await self._card(session.start)
+                await self._card(session.start, purchase=True)
             txn, note = await self._recover_torn(session)
             recovered = txn is not None
             if txn is None:

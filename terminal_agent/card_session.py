@@ -252,6 +252,7 @@ class CardSession:
         self._serial = b""
         self._pin_verified = False
         self._ext_challenge: bytes | None = None  # fetched with the cryptogram, spent by EXTERNAL AUTHENTICATE
+        self._ttn: int | None = None  # drawn by start(purchase=True), spent by authorize
         self.apdus = 0
 
     # --- plumbing
@@ -292,9 +293,9 @@ class CardSession:
                                    sw=sw)
         raise CardSessionError(Reason.CARD_ERROR, f"{what}: card answered {describe(sw)}", sw=sw)
 
-    def _psam(self, fn: Callable[..., Any], *args: Any) -> Any:
+    def _psam(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         try:
-            return fn(*args)
+            return fn(*args, **kwargs)
         except PsamKeyMissing:
             raise CardSessionError(Reason.UNKNOWN_KEY_VERSION,
                                    "the PSAM holds no issuer key for this card's key version") from None
@@ -340,11 +341,16 @@ class CardSession:
 
     # --- step 1
 
-    def start(self) -> CardInfo:
-        """Power, select, authenticate and read the card. Raises CardSessionError."""
+    def start(self, *, purchase: bool = False) -> CardInfo:
+        """Power, select, authenticate and read the card. Raises CardSessionError.
+
+        ``purchase``: a charge follows — the PSAM draws its TTN in the same exchange as the authentication
+        check (one exchange fewer); unused if the session stops before :meth:`authorize` (a gap in the
+        terminal's numbering, as after any refused attempt)."""
         self.info = None
         self._pin_verified = False
         self._ext_challenge = None
+        self._ttn = None
         select = bytes([cf.CLA_PLAIN, cf.INS_SELECT, 0x04, 0x00, len(self.aid)]) + self.aid + b"\x00"
         self.apdus += 1
         try:  # power on and SELECT in one exchange
@@ -380,8 +386,9 @@ class CardSession:
         read_data = b""
         header = self._sm_header(cf.INS_READ_BINARY, 0x80 | cf.SFI_CARDHOLDER, 0, read_data)
         # the PSAM checks the card and makes the read's MAC in one exchange
-        genuine, mac = (False, b"") if len(answer) != block else self._psam(
-            self.psam.verify_internal_auth_and_sm_mac, serial, kv, suite, rnd, answer, sm_challenge, header + read_data)
+        genuine, mac, self._ttn = (False, b"", None) if len(answer) != block else self._psam(
+            self.psam.verify_internal_auth_and_sm_mac, serial, kv, suite, rnd, answer, sm_challenge,
+            header + read_data, draw_ttn=purchase)
         if not genuine:
             raise CardSessionError(Reason.FORGED, "internal authentication failed: the card is not genuine "
                                    "(forged or wrong issuer key)")
@@ -461,7 +468,9 @@ class CardSession:
             if pin is None:
                 raise CardSessionError(Reason.PIN_REQUIRED, f"PIN required above {self.pin_threshold_fen} fen")
             self.verify_pin(pin() if callable(pin) else pin)
-        ttn = self._psam(self.psam.next_ttn)
+        ttn, self._ttn = self._ttn, None  # drawn with the authentication check (start(purchase=True)), or now
+        if ttn is None:
+            ttn = self._psam(self.psam.next_ttn)
         terminal_id = self._psam(lambda: self.psam.terminal_id)
         pending = PendingCryptogram(info.app_serial, info.card_no, info.key_version, info.suite, program, amount_fen,
                                     terminal_id, ttn, txn_date, txn_time, info.atc + 1, self._pin_verified)

@@ -83,15 +83,22 @@ class PsamSession:
             self._verify_apdu(app_serial, key_version, suite, challenge, answer)))
 
     def verify_internal_auth_and_sm_mac(self, app_serial: bytes, key_version: int, suite: str, challenge: bytes,
-                                        answer: bytes, sm_challenge: bytes, covered: bytes) -> tuple[bool, bytes]:
-        """:meth:`verify_internal_auth` and :meth:`sm_mac` in one reader exchange (independent commands).
+                                        answer: bytes, sm_challenge: bytes, covered: bytes, *,
+                                        draw_ttn: bool = False) -> tuple[bool, bytes, int | None]:
+        """:meth:`verify_internal_auth`, :meth:`sm_mac` and optionally :meth:`next_ttn` in one reader exchange
+        (independent commands): ``(genuine, mac, ttn)``.
 
-        The MAC is only returned when the verification succeeded (a forged card gets nothing more)."""
-        raw = transmit_many(self.channel, [self._verify_apdu(app_serial, key_version, suite, challenge, answer),
-                                           self._sm_mac_apdu(app_serial, key_version, suite, sm_challenge, covered)])
+        The MAC is only returned when the verification succeeded (a forged card gets nothing more); a TTN drawn
+        for a forged card is spent (a gap in the terminal's numbering, as after any refused attempt)."""
+        apdus = [self._verify_apdu(app_serial, key_version, suite, challenge, answer),
+                 self._sm_mac_apdu(app_serial, key_version, suite, sm_challenge, covered)]
+        if draw_ttn:
+            apdus.append(self._NEXT_TTN)
+        raw = transmit_many(self.channel, apdus)
+        ttn = self._ttn_answer(raw[2]) if draw_ttn else None
         if not self._verified(raw[0]):
-            return False, b""
-        return True, self._mac_answer(raw[1])
+            return False, b"", ttn
+        return True, self._mac_answer(raw[1]), ttn
 
     def _verify_apdu(self, app_serial: bytes, key_version: int, suite: str, challenge: bytes, answer: bytes) -> bytes:
         return self._keyed(cf.INS_PSAM_VERIFY_INTERNAL, key_version, suite, app_serial + challenge + answer, None)
@@ -127,9 +134,15 @@ class PsamSession:
             raise PsamError("secure-messaging MAC length", 0x6700)
         return mac
 
+    _NEXT_TTN = bytes([cf.CLA_PROPRIETARY, cf.INS_PSAM_NEXT_TTN, 0, 0, TTN_BYTES])
+
     def next_ttn(self) -> int:
         """Draw the next terminal transaction number (the PSAM persists it before answering)."""
-        data = self._call("next TTN", bytes([cf.CLA_PROPRIETARY, cf.INS_PSAM_NEXT_TTN, 0, 0, TTN_BYTES]))
+        return self._ttn_answer(self.channel.transmit(self._NEXT_TTN))
+
+    @staticmethod
+    def _ttn_answer(raw: bytes) -> int:
+        data = _checked("next TTN", raw)
         if len(data) != TTN_BYTES:
             raise PsamError("TTN length", 0x6700)
         return int.from_bytes(data, "big")

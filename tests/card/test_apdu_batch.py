@@ -129,19 +129,36 @@ def test_card_pulled_mid_batch_keeps_the_answers_that_ran() -> None:
         assert len(ei.value.answers) == 1 and ei.value.answers[0][-2:] == b"\x90\x00"
 
 
-def test_a_session_takes_ten_exchanges_with_batches_and_sixteen_without() -> None:
-    # without the command: 16 single exchanges plus the one refused batch (asked once per reader connection)
-    for apdu_batch, expected in ((True, 10), (False, 16 + 1)):
+def test_a_purchase_takes_nine_exchanges_with_batches_and_sixteen_without() -> None:
+    # without the command: 16 single exchanges plus the one refused batch (asked once per reader connection);
+    # with it: 10, and 9 when start(purchase=True) draws the TTN with the PSAM's authentication check
+    for apdu_batch, purchase, expected in ((True, True, 9), (True, False, 10), (False, True, 16 + 1)):
         card = make_card()
         with _reader(card, apdu_batch=apdu_batch) as rd, SerialReader(rd.path, timeout_ms=TEST_TIMEOUT_MS) as sr:
             psam = PsamSession(sr.psam)
             psam.open()
             s = CardSession(sr.card, psam, AID, clock=lambda: NOW)
             before = sr.exchanges
-            s.start()
-            s.complete(s.authorize(1_000, "voucher"))
+            s.start(purchase=purchase)
+            txn = s.authorize(1_000, "voucher")
+            s.complete(txn)
             assert sr.exchanges - before == expected
-            assert card.atc == 1 and len(card.log) == 1
+            assert card.atc == 1 and len(card.log) == 1 and txn.ttn == 1
+            # the next purchase draws the next TTN whichever way it was drawn
+            s.start(purchase=purchase)
+            assert s.authorize(500, "voucher").ttn == 2
+
+
+def test_a_prefetched_ttn_left_unused_is_a_gap_not_a_reuse() -> None:
+    card = make_card()
+    rd = SimReader(card, VirtualPsam(IssuerKeySet.demo("carepay-demo", "sm4")))
+    psam = PsamSession(rd.psam)
+    psam.open()
+    s = CardSession(rd.card, psam, AID, clock=lambda: NOW)
+    s.start(purchase=True)  # TTN 1 drawn, then the session stops (e.g. the cardholder walks away)
+    s.start(purchase=True)  # TTN 2
+    txn = s.authorize(1_000, "voucher")
+    assert txn.ttn == 2
 
 
 def test_external_auth_falls_back_to_a_fresh_challenge_when_the_card_lost_it() -> None:
@@ -242,3 +259,20 @@ def test_power_on_item_on_an_empty_slot_means_no_card() -> None:
         assert se.value.reason is Reason.CARD_REMOVED and "no card in the reader" in str(se.value)
         rd.insert(make_card())
         assert s.start().atc == 0
+
+
+@settings(deadline=None, max_examples=200)
+@given(st.sampled_from([cf.CARDHOLDER, cf.ENTITLEMENT, cf.LOG_RECORD, cf.CRYPTOGRAM_REQUEST]), st.data())
+def test_compiled_card_file_parsers_agree_with_the_declarations(struct, data: st.DataObject) -> None:  # type: ignore[no-untyped-def]
+    raw = data.draw(st.binary(min_size=struct.sizeof(), max_size=struct.sizeof()))
+    if data.draw(st.booleans()) and struct is cf.CARDHOLDER:
+        raw = b"\x01" + raw[1:]  # past the format byte, into the field adapters
+    try:
+        expected = dict(struct.parse(raw))
+    except Exception:  # whatever the declaration raises, the compiled parser gives CardFileError
+        with pytest.raises(cf.CardFileError):
+            cf.parse(struct, raw, "file")
+        return
+    got = cf.parse(struct, raw, "file")
+    assert {k: v for k, v in dict(got).items() if not k.startswith("_")} == \
+        {k: v for k, v in expected.items() if not k.startswith("_")}
