@@ -88,6 +88,54 @@ async def echo_responder(url: str, name: str) -> None:
 
 # --- the load generator -----------------------------------------------------------------------------
 
+_CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def process_cpu_s(pid: int, children: bool = True, thread: int | None = None) -> float | None:
+    """User + system CPU seconds of process ``pid`` (all its threads, or only ``thread``) and, with ``children``,
+    of its live child processes (``clearing serve --workers N``); None where ``/proc`` is not available."""
+    def one(p: int) -> float | None:
+        try:
+            with open(f"/proc/{p}/task/{thread}/stat" if thread else f"/proc/{p}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+        except OSError:
+            return None
+        return (int(fields[11]) + int(fields[12])) / _CLK_TCK
+
+    total = one(pid)
+    if total is None or not children:
+        return total
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children", "rb") as f:
+            kids = [int(k) for k in f.read().split()]
+    except OSError:
+        kids = []
+    return total + sum(c for k in kids if (c := one(k)) is not None)
+
+
+class CpuMeter:
+    """CPU seconds of this process and of some others between ``start()`` and ``stop()``."""
+
+    def __init__(self, pids: dict[str, list[int]]) -> None:
+        self._pids = pids
+        self._t0: dict[str, float | None] = {}
+
+    def _now(self) -> dict[str, float | None]:
+        out: dict[str, float | None] = {"gen": time.process_time()}
+        for who, pids in self._pids.items():
+            vals = [process_cpu_s(p) for p in pids]
+            out[who] = None if not vals or any(v is None for v in vals) else sum(v for v in vals if v is not None)
+            if pids:  # the first process's main thread alone (its event loop; the rest is its helper threads)
+                out[f"{who}_main"] = process_cpu_s(pids[0], children=False, thread=pids[0])
+        return out
+
+    def start(self) -> None:
+        self._t0 = self._now()
+
+    def stop(self) -> dict[str, float]:
+        t1 = self._now()
+        return {k: round(v - v0, 3) for k, v in t1.items() if v is not None and (v0 := self._t0.get(k)) is not None}
+
 
 @dataclass
 class Result:
@@ -101,6 +149,13 @@ class Result:
     offered_per_s: float | None = None
     dry: bool = False
     missed: int = 0
+    cpu_s: dict[str, float] = field(default_factory=dict)
+    """CPU seconds used during the run by ``gen`` (this process), ``sut`` (responders / clearing workers) and
+    ``broker`` (mosquitto): informative, for comparing variants on a machine whose wall clock is noisy."""
+
+    def cpu_us_per_ok(self, who: str) -> float | None:
+        s = self.cpu_s.get(who)
+        return round(s / self.ok * 1e6) if s is not None and self.ok else None
 
     @property
     def per_s(self) -> float:
@@ -238,10 +293,13 @@ class LoadGenerator:
         self._result.failed += len(self._pending)
         self._pending.clear()
 
-    async def closed_loop(self, duration_s: float, name: str, terminals: int | None = None) -> Result:
+    async def closed_loop(self, duration_s: float, name: str, terminals: int | None = None,
+                          meter: CpuMeter | None = None) -> Result:
         """Every terminal (or the first ``terminals``) keeps one request in flight for ``duration_s``."""
         self._result = result = Result(name, "closed")
         self._closed = True
+        if meter is not None:
+            meter.start()
         start = time.perf_counter()
         self._stop_at = start + duration_s
         for term in list(self._terms.values())[:terminals]:
@@ -249,6 +307,8 @@ class LoadGenerator:
         await asyncio.sleep(duration_s)
         await self._drain(time.perf_counter() + REQUEST_TIMEOUT_S)
         result.elapsed_s = time.perf_counter() - start
+        if meter is not None:
+            result.cpu_s = meter.stop()
         return result
 
     async def open_loop(self, rate_per_s: float, duration_s: float, name: str) -> Result:
@@ -330,7 +390,7 @@ WARM_UP_TERMINALS: int | None = None
 
 async def run_echo(url: str, terminal_ids: list[str], make: Callable[[str], Prepared | None], *,
                    duration_s: float, closed_s: float, rate: float, links: int,
-                   responders: int) -> tuple[Result, Result]:
+                   responders: int, broker_pid: int | None = None) -> tuple[Result, Result]:
     procs = [spawn([__file__, "--role", "echo", "--mqtt", url, "--name", f"e{i}"]) for i in range(responders)]
     try:
         for p in procs:
@@ -342,7 +402,8 @@ async def run_echo(url: str, terminal_ids: list[str], make: Callable[[str], Prep
         async with LoadGenerator(url, terminal_ids, links, make, quick_ok) as gen:
             await gen.closed_loop(WARM_UP_S, "warm-up", WARM_UP_TERMINALS)
             opened = await gen.open_loop(rate, duration_s, "echo")
-            closed = await gen.closed_loop(closed_s, "echo")
+            meter = CpuMeter({"sut": [p.pid for p in procs], "broker": [broker_pid] if broker_pid else []})
+            closed = await gen.closed_loop(closed_s, "echo", meter=meter)
             answers = gen.answers
         bad = sum(1 for _, raw in answers if parse_message(raw).type != "purchase")  # the full parse, off the clock
         closed.failed += bad
@@ -352,6 +413,12 @@ async def run_echo(url: str, terminal_ids: list[str], make: Callable[[str], Prep
 
 
 # --- table and JSON ---------------------------------------------------------------------------------
+
+
+def cpu_fields(prefix: str, r: Result) -> dict[str, Any]:
+    """CPU µs per completed request of the closed-loop run: generator, system under test, broker."""
+    return {f"{prefix}_cpu_us_{who}": v for who in ("gen", "sut", "sut_main", "broker")
+            if (v := r.cpu_us_per_ok(who)) is not None}
 
 
 def table(rows: list[Result]) -> str:
@@ -479,7 +546,8 @@ def prepare_purchases(world: Any, agents: dict[str, Any], per_terminal: int) -> 
 
 
 async def run_auth(url: str, world: Any, agents: dict[str, Any], msgs: dict[str, deque[Prepared]], *,
-                   duration_s: float, closed_s: float, rate: float, links: int) -> tuple[Result, Result]:
+                   duration_s: float, closed_s: float, rate: float, links: int,
+                   sut_pid: int | None = None, broker_pid: int | None = None) -> tuple[Result, Result]:
     ids = [t.terminal_id for t in world.terminals if msgs[t.terminal_id]]
 
     def make(t: str) -> Prepared | None:
@@ -503,7 +571,8 @@ async def run_auth(url: str, world: Any, agents: dict[str, Any], msgs: dict[str,
         gen.answers.clear()
         opened = await gen.open_loop(rate, duration_s, "auth")
         n_open = len(gen.answers)
-        closed = await gen.closed_loop(closed_s, "auth")
+        meter = CpuMeter({"sut": [sut_pid] if sut_pid else [], "broker": [broker_pid] if broker_pid else []})
+        closed = await gen.closed_loop(closed_s, "auth", meter=meter)
         answers = gen.answers
     for i, (terminal_id, raw) in enumerate(answers):  # off the clock: every approval's parse and MAC
         if not verified(terminal_id, raw):
@@ -551,15 +620,17 @@ async def run_bench(args: argparse.Namespace) -> int:
 
         echo_closed, echo_open = await run_echo(url, [t for t in terminal_ids if echo_msgs[t]], make_echo,
                                                 duration_s=duration_s, closed_s=closed_s, rate=args.rate,
-                                                links=args.links, responders=args.workers)
+                                                links=args.links, responders=args.workers, broker_pid=broker.pid)
         rows += [echo_closed, echo_open]
         summary: dict[str, Any] = {"echo_per_s": round(echo_closed.per_s), "echo_p50_ms": round(echo_open.pct(0.5), 2),
-                                   "echo_p99_ms": round(echo_open.pct(0.99), 2)}
+                                   "echo_p99_ms": round(echo_open.pct(0.99), 2),
+                                   **cpu_fields("echo", echo_closed)}
         if not args.echo_only:
             clearing = start_clearing(db_url, url, args.workers, args.mqtt_client)
             try:
                 auth_closed, auth_open = await run_auth(url, world, agents, msgs, duration_s=duration_s,
-                                                        closed_s=closed_s, rate=args.rate, links=args.links)
+                                                        closed_s=closed_s, rate=args.rate, links=args.links,
+                                                        sut_pid=clearing.pid, broker_pid=broker.pid)
             finally:
                 stop([clearing])
             rows += [auth_closed, auth_open]
@@ -576,7 +647,7 @@ async def run_bench(args: argparse.Namespace) -> int:
                        + auth_open.failed, "auth_open_missed": auth_open.missed, **summary, "auth_vs_echo": round(ratio, 3),
                        "card_sessions_per_s": round(card_rate), "workers": args.workers, "terminals": n_terms,
                        "db": "postgresql" if db_url.startswith("postgresql") else "sqlite",
-                       "invariants_ok": problems == [],
+                       "invariants_ok": problems == [], **cpu_fields("auth", auth_closed),
                        "targets_met": ratio >= TARGET_ECHO_RATIO and auth_open.pct(0.99) <= TARGET_P99_MS}
         print(table(rows))
         print(json.dumps(summary))

@@ -15,7 +15,7 @@ for a bad or refused message — every outcome is an answer with a response code
 from __future__ import annotations
 
 import logging
-import uuid
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, time
@@ -80,7 +80,8 @@ class ClearingConfig:
 
 
 def _new_msg_id() -> str:
-    return uuid.uuid4().hex
+    """32 random hex digits (the form of ``uuid4().hex``, without building a UUID object per answer)."""
+    return os.urandom(16).hex()
 
 
 class ClearingService:
@@ -97,6 +98,8 @@ class ClearingService:
         self.clock = clock or (lambda: datetime.now(UTC))
         self.writer = GroupCommitWriter(engine, cfg.cutoff, window_ms=cfg.group_commit_window_ms,
                                         max_batch=cfg.group_commit_max_batch, authoriser=BatchAuthoriser(self.keysets))
+        self._tz = ZoneInfo(cfg.timezone)
+        self._decisions: dict[tuple[str, str], Any] = {}  # metric children per (type, code): no label lookup per answer
 
     async def start(self) -> None:
         await self.writer.start()
@@ -127,28 +130,35 @@ class ClearingService:
             log.exception("clearing failed on %s %s: %s", msg.type, msg.msg_id, type(exc).__name__)
             answer = self._system_error(msg)
         code = getattr(answer, "response_code", "00")
-        metrics.DECISIONS.labels(type=msg.type, code=code).inc()
+        counted = self._decisions.get((msg.type, code))
+        if counted is None:
+            counted = self._decisions[(msg.type, code)] = metrics.DECISIONS.labels(type=msg.type, code=code)
+        counted.inc()
         return answer
 
     # --- terminal transactions -------------------------------------------------------------------------
 
     def _txn_time(self, msg: Any, received: datetime) -> datetime:
-        card = getattr(msg, "card", None)
+        card = msg.__dict__.get("card")
         if msg.type == "offline_advice":
             return msg.approved_at.astimezone(UTC)
         if card is not None:
             try:
                 local = parse_card_time(card.txn_date, card.txn_time)
-                return local.replace(tzinfo=ZoneInfo(self.config.timezone)).astimezone(UTC)
+                return local.replace(tzinfo=self._tz).astimezone(UTC)
             except ValueError:
                 return received
         return msg.sent_at.astimezone(UTC)
 
     async def _txn(self, msg: Any) -> TxnResult:
+        # Optional fields are read from the model's field dict: ``getattr(msg, name, None)`` on a pydantic model
+        # that lacks the field goes through BaseModel.__getattr__ and builds an AttributeError (~10 µs each).
+        fields: dict[str, Any] = msg.__dict__
         txn_type = TXN_TYPE_OF[msg.type]
         received = self.clock()
         key = txn_key(msg.terminal_id, msg.batch_no, msg.trace_no, txn_type)
-        card_no = msg.card.card_no if hasattr(msg, "card") else msg.card_no
+        card = fields.get("card")
+        card_no = card.card_no if card is not None else msg.card_no
         ctx = AuthContext(msg=msg, txn_type=txn_type, received_at=received, keysets=self.keysets,
                           txn_key=key, msg_key=f"{msg.terminal_id}:{msg.msg_id}", request_hash=body_hash(msg),
                           txn_time=self._txn_time(msg, received))
@@ -156,9 +166,9 @@ class ClearingService:
         if txn_type in ("PURCHASE", "ADVICE") and not _valid_card_time(msg):
             decline = Decline("12", "bad transaction date or time")
         row = {"provider_id": msg.provider_id, "terminal_id": msg.terminal_id, "batch_no": msg.batch_no,
-               "trace_no": msg.trace_no, "program": getattr(msg, "program", None), "card_no": card_no,
+               "trace_no": msg.trace_no, "program": fields.get("program"), "card_no": card_no,
                "amount_fen": msg.amount_fen, "txn_time": ctx.txn_time, "msg_id": msg.msg_id,
-               "service_category": getattr(msg, "service_category", None), "orig_rrn": getattr(msg, "orig_rrn", None)}
+               "service_category": fields.get("service_category"), "orig_rrn": fields.get("orig_rrn")}
         req = TxnRequest(txn_type=txn_type, txn_key=key, msg_key=ctx.msg_key, request_hash=ctx.request_hash,
                          received_at=received, row=row, decline=tuple(decline) if decline else None,
                          auth=ctx)  # the writer runs the participants for its whole batch (BatchAuthoriser)

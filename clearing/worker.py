@@ -23,9 +23,9 @@ soon as they are ready.
 Per-message cost (the worker is CPU-bound): on a real broker the worker speaks MQTT through
 :class:`protocol.transport.LeanMqttConnection` (no paho: one socket write per event-loop turn for
 all PUBACKs and answers); with the embedded amqtt broker, or ``lean=False``, through aiomqtt. The
-request MAC is checked over canonical bytes made once from the received JSON (falling back to the
-model's own form), the answer is MAC'd and serialised from one model dump, and the metric children
-are looked up once per (type, code).
+request MAC is checked over the message's canonical bytes made once (one model dump, a prebuilt sorted
+JSON encoder), the answer is MAC'd and serialised from one model dump (its canonical JSON plus ``mac``),
+and the metric children are looked up once per (type, code).
 """
 
 from __future__ import annotations
@@ -33,11 +33,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
-import json
 import logging
 import os
 import time
-import uuid
+import weakref
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -50,8 +49,6 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from clearing import metrics
 from clearing.signon import SignOnService
 from clearing.terminal_keys import KEY_GRACE_S, TerminalKeySource, WorkingKeys, ensure_schema
-from keys.mac import cbc_mac, pad80
-from keys.suite import SM4
 from protocol.messages import (
     MESSAGE_MAC_BYTES,
     RC,
@@ -68,6 +65,7 @@ from protocol.messages import (
     SignOn,
     TxnResult,
     down_topic,
+    mac_hex,
     parse_message,
 )
 from protocol.transport import LeanMqttConnection, LeanMqttError, client_id, make_client, publish_nowait
@@ -106,54 +104,14 @@ def _terminal_of(topic: str) -> str | None:
     return None
 
 
-_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-_CANONICAL_ASCII = json.JSONEncoder(sort_keys=True, separators=(",", ":"))
-_COMPACT = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
-_DECODER = json.JSONDecoder()
-
-
-def _canonical(body: dict[str, Any], ascii_only: bool = False) -> bytes:
-    """The MAC'd form (sorted, compact JSON; ``mac`` excluded) — the same bytes as ``Message.canonical_bytes``.
-
-    ``ascii_only``: the body holds no non-ASCII text, so the (faster) ASCII encoder gives the same bytes.
-    """
-    return (_CANONICAL_ASCII if ascii_only else _CANONICAL).encode(body).encode("utf-8")
-
-
-def _mac_hex(key: bytes, canonical: bytes) -> str:
-    return cbc_mac(key, pad80(canonical, SM4.block_bytes), None, SM4)[:MESSAGE_MAC_BYTES].hex().upper()
-
-
-def raw_canonical(payload: bytes) -> bytes | None:
-    """The canonical bytes straight from the received JSON (one C-level decode and encode, no model dump).
-
-    The terminal MACs ``model_dump(mode="json")`` and sends ``model_dump_json``: the two carry the same
-    fields and values, so this normally equals the parsed message's ``canonical_bytes()``. When it does
-    not (another client's serialiser), the MAC check falls back to the model's own form.
-    """
-    try:
-        text = payload.decode("utf-8")
-        body = _DECODER.decode(text)
-    except ValueError:
-        return None
-    if not isinstance(body, dict):
-        return None
-    body.pop("mac", None)
-    return _canonical(body, text.isascii())
-
-
 def signed_payload(answer: Message, key: bytes) -> bytes:
-    """``answer.signed(key).to_json()`` with one model dump instead of three (dump, copy, dump again)."""
-    body = answer.model_dump(mode="json")
-    body.pop("mac", None)
-    mac = _mac_hex(key, _canonical(body))
-    body["mac"] = mac
-    return _COMPACT.encode(body).encode("utf-8")
+    """The wire bytes of ``answer`` MAC'd under ``key``: one model dump (:meth:`Message.signed_json`)."""
+    return answer.signed_json(key)
 
 
 def refusal(msg: Message, code: str, text: str) -> Message | None:
     """An answer with ``code`` for any request type (None for types that get no answer)."""
-    common = {"terminal_id": msg.terminal_id, "msg_id": uuid.uuid4().hex, "sent_at": datetime.now(UTC),
+    common = {"terminal_id": msg.terminal_id, "msg_id": os.urandom(16).hex(), "sent_at": datetime.now(UTC),
               "orig_msg_id": msg.msg_id}
     if isinstance(msg, BatchSettle):
         return BatchSettleResult(batch_no=msg.batch_no, response_code=code, balanced=False,
@@ -166,6 +124,10 @@ def refusal(msg: Message, code: str, text: str) -> Message | None:
     return TxnResult(type=result_type, batch_no=msg.batch_no, trace_no=msg.trace_no,  # type: ignore[attr-defined]
                      response_code=code, message=text[:200], **common)
 
+
+_LIVE_WORKERS: weakref.WeakSet[ClearingWorker] = weakref.WeakSet()
+metrics.QUEUE_DEPTH.set_function(lambda: sum(w.in_flight for w in list(_LIVE_WORKERS)))
+"""``carepay_queue_depth`` is computed when scraped (no gauge update, and its lock, per message)."""
 
 MQTT_CLIENT_ENV = "CAREPAY_MQTT_CLIENT"
 """Worker MQTT client on a real broker: ``lean`` (default, protocol.transport.LeanMqttConnection) or ``aiomqtt``."""
@@ -198,6 +160,8 @@ class ClearingWorker:
         self._metric_children: dict[tuple[str, str], tuple[Any, Any]] = {}
         self._slots = asyncio.Semaphore(MAX_IN_FLIGHT)
         self._tasks: set[asyncio.Task[None]] = set()
+        self._paused = False
+        _LIVE_WORKERS.add(self)
         self._stopping = False
         self._ready = asyncio.Event()
         self._client: aiomqtt.Client | None = None
@@ -232,6 +196,7 @@ class ClearingWorker:
                 self._ready.clear()
                 self._client = None
                 self._conn = None
+                self._paused = False
             if self._stopping:
                 break
             await asyncio.sleep(backoff)
@@ -276,22 +241,32 @@ class ClearingWorker:
         conn = self._conn
         if conn is None:
             return
-        task = asyncio.create_task(self._process(conn.publish, topic, payload))
-        self._tasks.add(task)
-        task.add_done_callback(self._done_lean)
-        if len(self._tasks) >= MAX_IN_FLIGHT:
+        self._tasks.add(asyncio.create_task(self._process_lean(conn, topic, payload)))
+        if len(self._tasks) >= MAX_IN_FLIGHT and not self._paused:
+            self._paused = True
             conn.pause()
 
-    def _done_lean(self, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
-        metrics.QUEUE_DEPTH.set(len(self._tasks))
-        if self._conn is not None and len(self._tasks) < MAX_IN_FLIGHT:
-            self._conn.resume()
+    async def _process_lean(self, conn: LeanMqttConnection, topic: str, payload: bytes) -> None:
+        """One message on the lean connection, its bookkeeping at its end (a task done-callback would cost
+        one more event-loop callback per message)."""
+        try:
+            await self._process(conn.publish, topic, payload)
+        finally:
+            self._tasks.discard(asyncio.current_task())  # type: ignore[arg-type]
+            if self._paused and len(self._tasks) < MAX_IN_FLIGHT:
+                self._paused = False
+                current = self._conn  # the paused one: ``conn`` may have been replaced by a reconnect
+                if current is not None:
+                    current.resume()
 
     def _done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
         self._slots.release()
-        metrics.QUEUE_DEPTH.set(len(self._tasks))
+
+    @property
+    def in_flight(self) -> int:
+        """Requests received and not yet answered (``carepay_queue_depth``, read when scraped)."""
+        return len(self._tasks)
 
     async def drain(self, timeout_s: float = 10.0) -> None:
         """Wait for the requests in flight to be answered (graceful stop)."""
@@ -364,7 +339,7 @@ class ClearingWorker:
             self._refuse("type")
             return None, None
 
-        key = await self._verify_mac(msg, bytes(payload))
+        key = await self._verify_mac(msg)
         if key is None:
             self.stats.mac_failures += 1
             metrics.MAC_FAILURES.labels(type=msg.type).inc()
@@ -397,22 +372,17 @@ class ClearingWorker:
             self._answers.popitem(last=False)
         return answer, key
 
-    async def _verify_mac(self, msg: Message, payload: bytes | None = None) -> bytes | None:
+    async def _verify_mac(self, msg: Message) -> bytes | None:
         """The TAK whose MAC ``msg`` carries (current, previous in its grace, then both re-read), or None.
 
-        The canonical bytes are made once per message (from the raw JSON when given), not once per key tried.
+        The canonical bytes (:meth:`Message.canonical_bytes`) are made once per message, not once per key tried.
         """
         if len(msg.mac) != 2 * MESSAGE_MAC_BYTES:
             return None
-        fast = raw_canonical(payload) if payload is not None else None
+        canonical = msg.canonical_bytes()
         for refresh in (False, True):
-            keys = await self._keys.candidates(msg.terminal_id, refresh=refresh)
-            if fast is not None:
-                for key in keys:
-                    if hmac.compare_digest(_mac_hex(key, fast), msg.mac):
-                        return key
-            for key in keys:  # the model's own canonical form (a client whose JSON differs from ours)
-                if msg.mac_ok(key):
+            for key in await self._keys.candidates(msg.terminal_id, refresh=refresh):
+                if hmac.compare_digest(mac_hex(key, canonical), msg.mac):
                     return key
         return None
 

@@ -37,7 +37,7 @@ class Suite(enum.StrEnum):
 
     @property
     def block_bytes(self) -> int:
-        return SM4_BLOCK_BYTES if self is Suite.SM4 else DES_BLOCK_BYTES
+        return _BLOCK_BYTES[self._value_]  # a dict lookup: ``Suite.SM4`` through the enum class costs more
 
     @classmethod
     def parse(cls, value: str | Suite) -> Suite:
@@ -49,6 +49,7 @@ class Suite(enum.StrEnum):
 
 SM4 = Suite.SM4
 DES3 = Suite.DES3
+_BLOCK_BYTES = {"sm4": SM4_BLOCK_BYTES, "3des": DES_BLOCK_BYTES}
 
 
 def _des3_key(key: bytes) -> bytes:

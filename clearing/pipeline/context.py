@@ -4,13 +4,12 @@ batch snapshot (:mod:`clearing.pipeline.snapshot`)."""
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, NamedTuple
 
 from keys.issuer import IssuerKeySet
-from protocol.messages import Message
+from protocol.messages import Message, canonical_json
 
 TXN_TYPE_OF = {"purchase": "PURCHASE", "offline_advice": "ADVICE", "void": "VOID", "refund": "REFUND",
                "reversal": "REVERSAL"}
@@ -45,9 +44,13 @@ def parse_card_time(ymd: str, hms: str = "000000") -> datetime:
 
 
 def body_hash(msg: Message) -> str:
-    """SHA-256 of the message body without ``msg_id``, ``sent_at`` and ``mac``: a retry hashes the same."""
+    """SHA-256 of the message body without ``msg_id``, ``sent_at`` and ``mac``: a retry hashes the same.
+
+    The hashed bytes are ``json.dumps(body, sort_keys=True, separators=(",", ":"))`` (ASCII) — stored with
+    every journal row, so they never change form.
+    """
     body = msg.model_dump(mode="json", exclude=HASH_EXCLUDE)
-    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    return hashlib.sha256(canonical_json(body, ensure_ascii=True)).hexdigest()
 
 
 @dataclass
