@@ -644,9 +644,14 @@ def _read_doc(path: Path) -> dict[str, Any]:
     return doc
 
 
+_KCV_RE = re.compile(r"[0-9A-F]{6}")
+
+
 def _read_header(path: Path) -> dict[str, Any]:
     doc = _read_doc(path)
     for k in ("store_id", "kek_kcv"):
         if not isinstance(doc.get(k), str):
             raise KeyStoreError(f"key store {path} header lacks {k}")
+    if not _KCV_RE.fullmatch(doc["kek_kcv"]):  # compared with hmac.compare_digest and shown in errors
+        raise KeyStoreError(f"key store {path} header has a malformed kek_kcv (6 hex digits expected)")
     return doc

@@ -6,6 +6,7 @@ import json
 import tempfile
 from pathlib import Path
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -64,3 +65,12 @@ def test_parse_hex_returns_bytes_or_bad_input(text: str, lengths: tuple[int, ...
         return
     assert raw.hex() == "".join(text.split()).lower()
     assert lengths is None or len(raw) in lengths
+
+
+def test_store_with_a_non_ascii_kcv_is_refused_not_crashed(tmp_path: Path) -> None:
+    # found by hypothesis: hmac.compare_digest raises TypeError on a non-ASCII str
+    path = tmp_path / "ks.json"
+    path.write_text(json.dumps({"format": "carepay-keystore", "format_version": 1, "store_id": "x",
+                                "kek_kcv": "\u00e9" * 6}))
+    with pytest.raises(KeyStoreError, match="malformed kek_kcv"):
+        KeyStore.open(path, KEK)
