@@ -17,6 +17,8 @@ Python) and ``read_bank_file_polars`` (columnar, for 1M-10M rows, the same rules
 
 from __future__ import annotations
 
+import mmap
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import date, datetime
@@ -282,6 +284,26 @@ class BankFrame:
     trailer: BankTrailer
 
 
+def _has_unit_separator(source: Path | bytes) -> bool:
+    if isinstance(source, bytes):
+        return b"\x1f" in source
+    with open(source, "rb") as f:
+        if not os.fstat(f.fileno()).st_size:
+            return False
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:  # memchr over the mapping, no copy
+            return m.find(b"\x1f") >= 0
+
+
+def _raise_scalar_error(source: Path | bytes, layout: BankFileLayout) -> None:
+    raw = source if isinstance(source, bytes) else source.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise BankFileError(f"file is not {layout.encoding} (byte {exc.start})") from None
+    parse_bank_text(text, layout)  # raises BankFileError naming the first bad line
+    raise BankFileError("bank file contains a control character (unit separator)")
+
+
 def read_bank_frame(path: str | Path, layout: BankFileLayout = DEFAULT_LAYOUT) -> BankFrame:
     """Read, validate and type a bank file with polars; the same rules as ``parse_bank_file``.
 
@@ -303,6 +325,10 @@ def read_bank_frame(path: str | Path, layout: BankFileLayout = DEFAULT_LAYOUT) -
             source = path.read_bytes().decode(layout.encoding).encode("utf-8")
         except UnicodeDecodeError as exc:
             raise BankFileError(f"file is not {layout.encoding} (byte {exc.start})") from None
+    if _has_unit_separator(source):
+        # no valid line holds a control character, and the column split below relies on that: let the
+        # line-by-line reader name the first bad line, so both readers report the same error
+        _raise_scalar_error(source, layout)
     try:
         lines = pl.read_csv(
             source,

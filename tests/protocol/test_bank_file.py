@@ -315,3 +315,17 @@ def test_swapped_field_accepted_when_valid(tmp_path: Path) -> None:
     (tmp_path / "b.txt").write_text(text)
     assert parse_bank_text(text).details[0].amount_fen == 0
     assert read_bank_frame(tmp_path / "b.txt").details["amount_fen"][0] == 0
+
+
+def test_unit_separator_in_a_line_both_readers_name_the_line(tmp_path: Path) -> None:
+    # found by hypothesis: a detail line that is just "\x1f" made the polars reader fail on the column split
+    lines = sample_text(2).splitlines()
+    lines[1] = "\x1f"
+    text = "\n".join(lines) + "\n"
+    path = tmp_path / "sep.txt"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(BankFileError) as scalar:
+        parse_bank_text(text)
+    with pytest.raises(BankFileError) as frame:
+        read_bank_frame(path)
+    assert str(frame.value) == str(scalar.value) and str(frame.value).startswith("line 2")
