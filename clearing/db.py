@@ -256,13 +256,21 @@ class BulkWrite:
 _PG_TYPES = {"BIGINT": "bigint", "INTEGER": "integer", "DATE": "date", "BOOLEAN": "boolean", "TEXT": "text"}
 
 
+_PG_TYPE_CACHE: dict[tuple[str, str], str] = {}
+
+
 def _pg_type(col: Any) -> str:
     from clearing.schema import UtcDateTime
 
-    if isinstance(col.type, UtcDateTime):
-        return "timestamptz"
-    name = col.type.compile(dialect=_pg_dialect()).split("(")[0].upper()
-    return _PG_TYPES.get(name, "text")
+    key = (col.table.name, col.name)
+    t = _PG_TYPE_CACHE.get(key)
+    if t is None:
+        if isinstance(col.type, UtcDateTime):
+            t = "timestamptz"
+        else:
+            t = _PG_TYPES.get(col.type.compile(dialect=_pg_dialect()).split("(")[0].upper(), "text")
+        _PG_TYPE_CACHE[key] = t
+    return t
 
 
 def _pg_dialect() -> Dialect:
@@ -271,12 +279,18 @@ def _pg_dialect() -> Dialect:
     return postgresql.dialect()
 
 
-_UNNEST_CACHE: dict[tuple[str, tuple[str, ...], tuple[bool, ...]], str] = {}
+_UNNEST_CACHE: dict[tuple[str, tuple[str, ...], tuple[Any, ...]], str] = {}
+
+_SEP, _NUL = "\x1f", "\x1e"
+"""A text column sent as ONE string: values joined by the unit separator, NULL as the record separator
+(``string_to_array($n, chr(31), chr(30))`` on the server) — asyncpg checks every element of an array
+parameter against three abstract base classes before encoding it; one string skips that per value."""
 
 
-def _pg_unnest_insert(table: Table, columns: Sequence[str], same: Sequence[bool] | None = None) -> str:
+def _pg_unnest_insert(table: Table, columns: Sequence[str], same: Sequence[Any] | None = None) -> str:
     """``INSERT … SELECT FROM unnest($n::type[], …)``; a column flagged in ``same`` (one value for every row)
-    is bound once as a scalar instead of as an array of copies."""
+    is bound once as a scalar instead of as an array of copies; one flagged ``"joined"`` (text) as one string
+    (see :data:`_SEP`)."""
     flags = tuple(same) if same is not None else (False,) * len(columns)
     key = (table.name, tuple(columns), flags)
     sql = _UNNEST_CACHE.get(key)
@@ -284,27 +298,54 @@ def _pg_unnest_insert(table: Table, columns: Sequence[str], same: Sequence[bool]
         exprs, arrays, names = [], [], []
         for i, (c, one) in enumerate(zip(columns, flags, strict=True), start=1):
             t = _pg_type(table.c[c])
-            if one:
+            if one is True:
                 exprs.append(f"${i}::{t}")
+                continue
+            if one == "joined":
+                arrays.append(f"string_to_array(${i}::text, chr(31), chr(30))")
             else:
                 arrays.append(f"${i}::{t}[]")
-                names.append(f"c{i}")
-                exprs.append(f"u.c{i}")
+            names.append(f"c{i}")
+            exprs.append(f"u.c{i}")
         sql = (f"INSERT INTO {table.name} ({', '.join(columns)}) SELECT {', '.join(exprs)} "
                f"FROM unnest({', '.join(arrays)}) AS u({', '.join(names)})")
         _UNNEST_CACHE[key] = sql
     return sql
 
 
+def _joined(col: list[Any]) -> str | None:
+    """``col`` (text values or None, at least two) as one separated string; None when a value is not text or
+    holds a separator (then it goes as an array, as before)."""
+    nulls = col.count(None)
+    try:
+        joined = _SEP.join([_NUL if v is None else v for v in col] if nulls else col)
+    except TypeError:  # not all text
+        return None
+    if joined.count(_SEP) != len(col) - 1 or joined.count(_NUL) != nulls:
+        return None
+    return joined
+
+
 def _pg_unnest_args(table: Table, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> tuple[str, list[Any]]:
     """The statement and its parameters for :func:`_pg_unnest_insert` (columns constant over ``rows`` as scalars:
-    a batch of purchases shares its business date, creation time, type, status, … — less to encode and send)."""
+    a batch of purchases shares its business date, creation time, type, status, … — less to encode and send;
+    text columns as one separated string each)."""
     cols = [list(col) for col in zip(*rows, strict=True)]
     n = len(rows)
-    same = [n > 1 and col.count(col[0]) == n for col in cols]  # list.count: C-level ==, no hashing
+    same: list[Any] = [n > 1 and col.count(col[0]) == n for col in cols]  # list.count: C-level ==, no hashing
     if all(same):  # unnest needs one array to give the row count
         same[0] = False
-    params = [col[0] if one else col for col, one in zip(cols, same, strict=True)]
+    params: list[Any] = []
+    for i, (c, col) in enumerate(zip(columns, cols, strict=True)):
+        if same[i]:
+            params.append(col[0])
+            continue
+        joined = _joined(col) if n > 1 and _pg_type(table.c[c]) == "text" else None
+        if joined is None:
+            params.append(col)
+        else:
+            same[i] = "joined"
+            params.append(joined)
     return _pg_unnest_insert(table, columns, same), params
 
 
@@ -348,15 +389,23 @@ def select_multi_in_sync(conn: Connection, sql: str, lists: Sequence[tuple[Seque
 
 
 def render_in(sql: str, lists: Sequence[tuple[Sequence[Any], str]], sqlite: bool) -> tuple[str, tuple[Any, ...]]:
-    """The SQL and parameters of :func:`select_multi_in_sync` for SQLite (``?``) or asyncpg (``$n``)."""
+    """The SQL and parameters of :func:`select_multi_in_sync` for SQLite (``?``) or asyncpg (``$n``).
+
+    List ``i`` is used once, either as ``{INi}`` (``<column> {INi}``: membership) or as ``{ROWSi}``: a row
+    source named ``ri`` with one column ``v`` (``FROM {ROWS1} JOIN t ON t.key = r1.v``). On SQLite the
+    join probes the index once per value straight from ``json_each``, where ``IN (SELECT … json_each)``
+    first builds and sorts a temporary index of the list — about half the cost for a thousand keys; the
+    list must then hold distinct values (each one yields its own matches)."""
     q = sql.replace("{IN}", "{IN1}")
     params: list[Any] = []
     for i, (values, pg_type) in enumerate(lists, start=1):
         if sqlite:
-            q = q.replace(f"{{IN{i}}}", "IN (SELECT value FROM json_each(?))")
+            q = q.replace(f"{{IN{i}}}", "IN (SELECT value FROM json_each(?))").replace(
+                f"{{ROWS{i}}}", f"(SELECT value AS v FROM json_each(?)) AS r{i}")
             params.append(json.dumps(list(values), default=str))
         else:
-            q = q.replace(f"{{IN{i}}}", f"= ANY(${i}::{pg_type}[])")
+            q = q.replace(f"{{IN{i}}}", f"= ANY(${i}::{pg_type}[])").replace(
+                f"{{ROWS{i}}}", f"unnest(${i}::{pg_type}[]) AS r{i}(v)")
             params.append(list(values))
     q = q.replace("{FOR_UPDATE}", "" if sqlite else "FOR UPDATE").replace("{FOR_SHARE}", "" if sqlite else "FOR SHARE")
     return q, tuple(params)

@@ -43,6 +43,7 @@ import operator
 import secrets
 import sqlite3
 import time as _time
+from array import array
 from collections import defaultdict, deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -52,7 +53,8 @@ from typing import Any, Protocol
 from sqlalchemy import bindparam, or_, select, update
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.util import await_
 
 from clearing.accounts import ensure_accounts_sync, spec_for
 from clearing.db import (
@@ -72,6 +74,7 @@ from clearing.db import (
 from clearing.pipeline import dedupe, metrics
 from clearing.schema import FLAG_NO_OVERDRAFT, accounts, host_txns, transfers
 from clearing.windows import MAX_CLOSED_DAYS_SKIPPED, Cutoff, resolve_business_dates_sync
+from clearing.windows import OPEN as WINDOW_OPEN
 
 log = logging.getLogger("carepay.clearing.ledger")
 
@@ -91,6 +94,7 @@ RAW_SQLITE_BATCH = True
 PURCHASE, ADVICE, VOID, REFUND, REVERSAL = "PURCHASE", "ADVICE", "VOID", "REFUND", "REVERSAL"
 SUCCESS, FAILED, REVERSED = "SUCCESS", "FAILED", "REVERSED"
 DEBIT_TYPES = (PURCHASE, ADVICE)
+_DEBIT_CODE = {PURCHASE: "purchase", ADVICE: "advice"}  # transfer code of a debit type
 CORRECTION_TYPES = (VOID, REFUND, REVERSAL)
 
 HOST_PLAIN_COLUMNS = (
@@ -103,6 +107,7 @@ HOST_COLUMNS = HOST_PLAIN_COLUMNS + HOST_TIME_COLUMNS
 """The journal row the writer inserts: values that go to the driver as they are, then the date and times
 (converted to SQLite's text forms on SQLite, once per distinct value)."""
 _BLANK_ROW = dict.fromkeys(HOST_COLUMNS)
+_ROW_CONSTANTS = frozenset({"fee_fen", "status", "response_code", "created_at"})
 TRANSFER_COLUMNS = (
     "id", "transfer_key", "debit_account_id", "credit_account_id", "amount_fen", "code", "business_date",
     "created_at", "terminal_id", "batch_no", "trace_no", "rrn", "corrects_transfer_id", "memo",
@@ -192,10 +197,14 @@ def _chunks(items: list[Any], n: int = SQL_IN_CHUNK) -> Iterable[list[Any]]:
         yield items[i:i + n]
 
 
+_U32 = "I" if array("I").itemsize == 4 else "L"
+
+
 def _auth_codes(n: int) -> list[str]:
-    """``n`` unpredictable 6-digit authorisation codes (授权码) from one read of the OS random source."""
-    raw = secrets.token_bytes(4 * n)
-    return [f"{int.from_bytes(raw[i:i + 4], 'big') % 1_000_000:06d}" for i in range(0, 4 * n, 4)]
+    """``n`` unpredictable 6-digit authorisation codes (授权码) from one read of the OS random source
+    (each from 32 random bits, as unsigned 32-bit words: the same distribution as ``int.from_bytes``)."""
+    words = array(_U32, secrets.token_bytes(4 * n))
+    return [f"{w % 1_000_000:06d}" for w in words]
 
 
 class Authoriser(Protocol):
@@ -214,12 +223,69 @@ class Authoriser(Protocol):
     def settle(self, ctx: Any, snap: Any) -> tuple[str, str] | None: ...
 
 
+_UNKNOWN: Any = object()
+KNOWN_STATE_MAX = 200_000
+"""Most accounts (and, separately, cards) :class:`_KnownState` keeps; beyond it the state starts again empty."""
+
+
+class _KnownState:
+    """What the writer knows of the committed database between its batches (SQLite): the account rows and
+    each card's highest spent counter as they were after the writer's last commit.
+
+    Valid only while nothing else wrote: :meth:`check` runs inside ``BEGIN IMMEDIATE`` (the write lock is
+    held, so nothing can commit until this batch does) and keeps the state only when it is the same
+    connection, ``PRAGMA data_version`` has not moved (no other connection, in this process or another,
+    committed), ``total_changes`` has not moved (no one else wrote through this connection) and the schema
+    has not changed. A batch that fails — at any point, commit included — drops it (its rows were updated
+    in memory as the batch applied); :meth:`keep` takes the batch's final values after its COMMIT.
+    """
+
+    def __init__(self) -> None:
+        self.raw: Any = None  # the sqlite3 connection the state belongs to (identity; it takes no weak references)
+        self.version: tuple[int, int, int] | None = None  # (data_version, schema_version, total_changes)
+        self.accts: dict[str, _Acct] = {}
+        self.accts_by_id: dict[int, _Acct] = {}
+        self.max_atc: dict[str, int | None] = {}  # card -> highest counter spent (None: none yet)
+        self._dv = self._sv = -1
+
+    def check(self, raw: Any) -> _KnownState | None:
+        """Inside the batch's write transaction: the state when still valid (else emptied and ``None``)."""
+        dv = raw.execute("PRAGMA data_version").fetchone()[0]
+        sv = raw.execute("PRAGMA schema_version").fetchone()[0]
+        valid = raw is self.raw and self.version == (dv, sv, raw.total_changes)
+        if not valid:
+            self.drop()
+            self.raw = raw
+        self._dv, self._sv = dv, sv
+        return self if valid else None
+
+    def keep(self, raw: Any, batch: _Batch) -> None:
+        """After the batch committed: remember its accounts and counters (``data_version`` as read inside the
+        transaction — our own commit does not move it, and a later commit of another connection must)."""
+        if max(len(self.accts) + len(batch.accts), len(self.max_atc) + len(batch.max_atc)) > KNOWN_STATE_MAX:
+            self.drop()
+        self.accts.update(batch.accts)
+        self.accts_by_id.update(batch.accts_by_id)
+        known, top = self.max_atc, batch.max_atc
+        for card in batch.atc_loaded:
+            known[card] = top.get(card)
+        for card in top.keys() - batch.atc_loaded:  # a counter whose card was not loaded: do not trust it
+            known.pop(card, None)
+        self.raw = raw
+        self.version = (self._dv, self._sv, raw.total_changes)
+
+    def drop(self) -> None:
+        self.raw = self.version = None
+        self.accts, self.accts_by_id, self.max_atc = {}, {}, {}
+
+
 class _Batch:
     """The in-memory state machine for one batch (runs in the sync greenlet of the write transaction)."""
 
     def __init__(self, store: _SaStore | _RawSqliteStore, reqs: list[TxnRequest], cutoff: Cutoff,
-                 authoriser: Authoriser | None = None):
+                 authoriser: Authoriser | None = None, known: _KnownState | None = None):
         self.store = store
+        self.known = known  # set (by the caller) only once validated inside the write transaction
         self.reqs = reqs
         self.cutoff = cutoff
         self.authoriser = authoriser
@@ -239,6 +305,7 @@ class _Batch:
         self.tombstones: set[str] = set()
         self.used_counters: set[str] = set()
         self.max_atc: dict[str, int] = {}
+        self.atc_loaded: set[str] = set()  # cards whose highest stored counter was loaded (or known)
         self.consumed: dict[str, dict[str, int]] = defaultdict(lambda: {VOID: 0, REFUND: 0})
         self.transfer_accounts: dict[int, tuple[int, int]] = {}
         self.accts: dict[str, _Acct] = {}
@@ -246,7 +313,8 @@ class _Batch:
         self.new_rows: list[dict[str, Any]] = []
         self.new_transfers: list[tuple[Any, ...]] = []
         self.status_updates: dict[int, str] = {}  # host_txns.id -> new status (originals reversed)
-        self.deltas: dict[int, list[int]] = defaultdict(lambda: [0, 0])
+        self.base: dict[int, tuple[int, int]] = {}  # account id -> (debits, credits) as loaded (committed)
+        self.deltas: dict[int, list[int]] | None = None  # id -> [debit fen, credit fen] added (check_invariants)
 
     # --- loading -------------------------------------------------------------------------------------
 
@@ -255,15 +323,11 @@ class _Batch:
         keys = list({r.txn_key for r in self.reqs} | {r.orig_key for r in self.reqs if r.orig_key})
         msgs = list({r.msg_key for r in self.reqs})
         orrns = list({r.row.get("orig_rrn") for r in self.reqs if r.row.get("orig_rrn")})
-        debit_keys = [r.txn_key for r in self.reqs if r.txn_type in DEBIT_TYPES]
+        debit_keys = list({r.txn_key for r in self.reqs if r.txn_type in DEBIT_TYPES})
         hit: set[int] = set()
-        for tag, rid, okey in st.select(  # one round trip: duplicates, originals, reversal tombstones
-                "SELECT 'id', id, NULL FROM host_txns WHERE txn_key {IN1} "
-                   "UNION ALL SELECT 'id', id, NULL FROM host_txns WHERE msg_key {IN2} "
-                   "UNION ALL SELECT 'id', id, NULL FROM host_txns WHERE rrn {IN3} "
-                   "UNION ALL SELECT 'tomb', NULL, orig_key FROM host_txns WHERE orig_key {IN4} "
-                   "AND txn_type = 'REVERSAL'", [(keys, "text"), (msgs, "text"), (orrns, "text"),
-                                                 (debit_keys, "text")]):
+        # one round trip: duplicates, originals, reversal tombstones — one index probe per (distinct) key
+        lists = [(keys, "text"), (msgs, "text"), (orrns, "text"), (debit_keys, "text")]
+        for tag, rid, okey in st.select(_SQLITE_LOAD_KEYS if self.sqlite else _PG_LOAD_KEYS, lists):
             if tag == "id":
                 hit.add(int(rid))
             else:
@@ -289,9 +353,21 @@ class _Batch:
         pairs = {c for c in self.ctr if c}
         if pairs:
             top = self.max_atc
-            for card, atc in st.max_atc(list({c for c, _ in pairs})):
-                if atc is not None:
-                    top[card] = int(atc)
+            cards = {c for c, _ in pairs}
+            self.atc_loaded = cards
+            ask = list(cards)
+            if self.known is not None:
+                known, ask = self.known.max_atc, []
+                for card in cards:
+                    v = known.get(card, _UNKNOWN)
+                    if v is _UNKNOWN:
+                        ask.append(card)
+                    elif v is not None:
+                        top[card] = v
+            if ask:
+                for card, atc in st.max_atc(ask):
+                    if atc is not None:
+                        top[card] = int(atc)
             below = [(c, a) for c, a in pairs if c in top and a <= top[c]]
             if below:
                 self.used_counters.update(f"{c}:{a}" for c, a in st.used_atc(below))
@@ -317,9 +393,9 @@ class _Batch:
         keys, msgs = list({r.txn_key for r in self.reqs}), list({r.msg_key for r in self.reqs})
         stored_keys: set[str] = set()
         stored_msgs: set[str] = set()
-        for k, m in self.store.select("SELECT txn_key, msg_key FROM host_txns WHERE txn_key {IN1} "
-                                      "UNION ALL SELECT txn_key, msg_key FROM host_txns WHERE msg_key {IN2}",
-                                      [(keys, "text"), (msgs, "text")]):
+        for k, m in self.store.select("SELECT h.txn_key, h.msg_key FROM {ROWS1} JOIN host_txns AS h "
+                                      "ON h.txn_key = r1.v UNION ALL SELECT h.txn_key, h.msg_key FROM {ROWS2} "
+                                      "JOIN host_txns AS h ON h.msg_key = r2.v", [(keys, "text"), (msgs, "text")]):
             stored_keys.add(k)
             stored_msgs.add(m)
         self._screen(lambda r: r.txn_key in stored_keys or r.msg_key in stored_msgs)
@@ -353,19 +429,46 @@ class _Batch:
             self.screened.add(i)
 
     def _lock_accounts(self, codes: set[str], ids: list[int]) -> None:
+        accts, by_id = self.accts, self.accts_by_id
+        if self.known is not None:  # SQLite: rows unchanged since this writer's last commit need no query
+            k_accts, k_by_id = self.known.accts, self.known.accts_by_id
+            base = self.base
+            rest = set()
+            for code in codes:
+                a = k_accts.get(code)
+                if a is None:
+                    rest.add(code)
+                elif a.id not in base:
+                    accts[code] = by_id[a.id] = a
+                    base[a.id] = (a.debits, a.credits)
+            rest_ids = []
+            for i in ids:
+                a = k_by_id.get(i)
+                if a is None:
+                    rest_ids.append(i)
+                elif i not in base:
+                    accts[a.code] = by_id[i] = a
+                    base[i] = (a.debits, a.credits)
+            codes, ids = rest, rest_ids
         if not codes and not ids:
             return
         # PostgreSQL: rows locked in id order (workers never deadlock). SQLite: the batch already holds the one
-        # write lock (BEGIN IMMEDIATE) — no sort; and purchases only name codes (no OR over a second list).
-        where = "code {IN1} OR id {IN2}" if ids else "code {IN1}"
-        order = "" if self.sqlite else " ORDER BY id"
-        lists = [(sorted(codes) if not self.sqlite else list(codes), "text")] + ([(ids, "bigint")] if ids else [])
-        accts, by_id = self.accts, self.accts_by_id
-        for aid, code, flags, dr, cr in self.store.select(
-                f"SELECT id, code, flags, debits_posted, credits_posted FROM accounts WHERE {where}{order} "
-                "{FOR_UPDATE}", lists):
+        # write lock (BEGIN IMMEDIATE) — no sort, one probe per code straight from the list (a row named both
+        # by code and by id comes twice: skipped below); purchases only name codes.
+        if self.sqlite:
+            sql = _SQLITE_ACCOUNTS_BY_CODE + (_SQLITE_ACCOUNTS_BY_ID if ids else "")
+            lists = [(list(codes), "text")] + ([(ids, "bigint")] if ids else [])
+        else:
+            where = "code {IN1} OR id {IN2}" if ids else "code {IN1}"
+            sql = (f"SELECT id, code, flags, debits_posted, credits_posted FROM accounts WHERE {where} "
+                   "ORDER BY id {FOR_UPDATE}")
+            lists = [(sorted(codes), "text")] + ([(ids, "bigint")] if ids else [])
+        for aid, code, flags, dr, cr in self.store.select(sql, lists):
+            if aid in self.base:  # already loaded (and maybe changed) in this batch
+                continue
             a = _Acct(int(aid), code, int(flags), int(dr), int(cr))
             accts[code] = by_id[a.id] = a
+            self.base[a.id] = (a.debits, a.credits)
 
     def _remember(self, row: dict[str, Any]) -> None:
         self.by_key[row["txn_key"]] = row
@@ -388,19 +491,22 @@ class _Batch:
             self.date_db = {d: sqlite_date(d) for d in effective.values()}
         else:
             self.date_db = {d: d for d in effective.values()}
-        by_key, by_msg, new_rows = self.by_key, self.by_msg, self.new_rows
+        by_key, by_msg, by_rrn, new_rows = self.by_key, self.by_msg, self.by_rrn, self.new_rows
+        bdates = [effective[d] for d in nominal]
+        new_row, decide, outcome = self._new_row, self._decide, TxnOutcome
+        template = {**_BLANK_ROW, "fee_fen": 0, "status": SUCCESS, "response_code": "00", "created_at": self.now}
         out: list[TxnOutcome | BaseException] = []
-        for i, req in enumerate(self.reqs):
-            dup = (dedupe.find(by_key, by_msg, req.txn_key, req.msg_key)
-                   if req.txn_key in by_key or req.msg_key in by_msg else None)
+        for i, (req, decline, counter, bdate, auth_code) in enumerate(zip(self.reqs, self.decl, self.ctr, bdates,
+                                                                          codes, strict=True)):
+            txn_key, msg_key = req.txn_key, req.msg_key
+            dup = dedupe.find(by_key, by_msg, txn_key, msg_key) if txn_key in by_key or msg_key in by_msg else None
             if dup is not None:
                 if dup["request_hash"] != req.request_hash:
-                    out.append(IdempotencyConflict(req.txn_key, dup))
+                    out.append(IdempotencyConflict(txn_key, dup))
                 else:
                     out.append(TxnOutcome(dup, duplicate=True))
                 continue
-            row = self._new_row(req, f"{next(rrns):012d}", effective[nominal[i]], codes[i])
-            decline, counter = self.decl[i], self.ctr[i]
+            row = new_row(template, req, f"{next(rrns):012d}", bdate, auth_code)
             if decline is None and req.auth is not None and self.authoriser is not None:
                 if i not in self.screened:  # cannot happen: a non-duplicate with ``auth`` is always screened
                     decline = ("96", "not authorised")
@@ -410,7 +516,7 @@ class _Batch:
                     if req.txn_type in DEBIT_TYPES:
                         counter = req.auth.counter
             if decline is None:
-                self._decide(req, row, tids, counter)
+                decide(req, row, tids, counter)
             else:
                 row["response_code"], row["message"] = decline
                 if counter and row["response_code"] != "59":  # the card's TAC verified: its counter is spent
@@ -421,17 +527,23 @@ class _Batch:
                 row["auth_code"] = None
                 if req.txn_type == ADVICE and row["status"] == FAILED:
                     row["review_reason"] = row["review_reason"] or f"advice_declined_{row['response_code']}"
-            by_key[row["txn_key"]] = by_msg[row["msg_key"]] = self.by_rrn[row["rrn"]] = row  # _remember
+            by_key[txn_key] = by_msg[msg_key] = by_rrn[row["rrn"]] = row  # _remember
             new_rows.append(row)
-            out.append(TxnOutcome(row))
+            out.append(outcome(row))
         return out
 
-    def _new_row(self, req: TxnRequest, rrn: str, bdate: date, auth_code: str) -> dict[str, Any]:
+    @staticmethod
+    def _new_row(template: dict[str, Any], req: TxnRequest, rrn: str, bdate: date, auth_code: str) -> dict[str, Any]:
+        """The journal row: ``template`` (every column, with the batch's constants: no fee, ``SUCCESS``, ``00``,
+        created now) overlaid with the request's fields, then those the writer sets."""
         r = req.row
-        return {**_BLANK_ROW, **r, "rrn": rrn, "txn_key": req.txn_key, "msg_key": req.msg_key,
-                "request_hash": req.request_hash, "business_date": bdate, "txn_type": req.txn_type, "fee_fen": 0,
-                "status": SUCCESS, "orig_key": req.orig_key, "response_code": "00", "auth_code": auth_code,
-                "message": r.get("message") or "", "review_reason": req.review_reason, "created_at": self.now}
+        row = {**template, **r, "rrn": rrn, "txn_key": req.txn_key, "msg_key": req.msg_key,
+               "request_hash": req.request_hash, "business_date": bdate, "txn_type": req.txn_type,
+               "orig_key": req.orig_key, "auth_code": auth_code, "message": r.get("message") or "",
+               "review_reason": req.review_reason}
+        if not _ROW_CONSTANTS.isdisjoint(r):  # the request's row never sets these: the batch's values win, as before
+            row.update((k, template[k]) for k in _ROW_CONSTANTS)
+        return row
 
     def _counter_ok(self, counter: tuple[str, int] | None, row: dict[str, Any]) -> bool:
         if not counter:
@@ -450,14 +562,15 @@ class _Batch:
 
     def _decide(self, req: TxnRequest, row: dict[str, Any], tids: Iterator[int],
                 counter: tuple[str, int] | None) -> None:
-        if req.txn_type in DEBIT_TYPES:
-            if not self._counter_ok(counter, row):
+        code = _DEBIT_CODE.get(req.txn_type)
+        if code is not None:  # PURCHASE, ADVICE
+            if counter and not self._counter_ok(counter, row):
                 return
             if req.txn_key in self.tombstones:
                 row["status"], row["response_code"], row["message"] = REVERSED, "12", "reversed before it arrived"
                 return
             assert req.debit and req.credit
-            self._post(row, self.accts[req.debit], self.accts[req.credit], req.txn_type.lower(), None, tids)
+            self._post(row, self.accts[req.debit], self.accts[req.credit], code, None, tids)
             return
         if req.txn_type == REVERSAL:
             self._reversal(req, row, tids)
@@ -466,17 +579,16 @@ class _Batch:
 
     def _post(self, row: dict[str, Any], debit: _Acct, credit: _Acct, code: str, corrects: int | None,
               tids: Iterator[int]) -> bool:
+        """Move ``amount_fen`` in memory (the balance ``UPDATE`` per account is derived at write time from
+        the accounts' values against those loaded: :meth:`check_invariants`)."""
         amount = int(row["amount_fen"])
-        if debit.flags & FLAG_NO_OVERDRAFT and debit.balance < amount:
+        if debit.flags & FLAG_NO_OVERDRAFT and debit.credits - debit.debits < amount:
             row["response_code"], row["message"] = "51", "insufficient balance"
-            row["balance_after_fen"] = debit.balance
+            row["balance_after_fen"] = debit.credits - debit.debits
             return False
         tid = next(tids)
         debit.debits += amount
         credit.credits += amount
-        deltas = self.deltas
-        deltas[debit.id][0] += amount
-        deltas[credit.id][1] += amount
         self.new_transfers.append((  # TRANSFER_COLUMNS, in the driver's types
             tid, f"{code}:{row['txn_key']}", debit.id, credit.id, amount, code, self.date_db[row["business_date"]],
             self.now_db, row["terminal_id"], row["batch_no"], row["trace_no"], row["rrn"], corrects, None,
@@ -484,7 +596,7 @@ class _Batch:
         self.transfer_accounts[tid] = (debit.id, credit.id)
         row["transfer_id"] = tid
         card = debit if debit.code.startswith("card:") else credit
-        row["balance_after_fen"] = card.balance
+        row["balance_after_fen"] = card.credits - card.debits
         return True
 
     def _original_accounts(self, orig: dict[str, Any]) -> tuple[_Acct, _Acct] | None:
@@ -572,16 +684,27 @@ class _Batch:
     # --- writing -------------------------------------------------------------------------------------
 
     def check_invariants(self) -> None:
-        debit_total = sum(d[0] for d in self.deltas.values())
-        credit_total = sum(d[1] for d in self.deltas.values())
-        if debit_total != credit_total:
-            raise InvariantViolation(f"batch debits {debit_total} != credits {credit_total}")
-        for acct_id in self.deltas:
-            a = self.accts_by_id[acct_id]
-            if a.flags & FLAG_NO_OVERDRAFT and a.balance < 0:
-                raise InvariantViolation(f"beneficiary account {a.id} would be negative")
+        """The balance changes to write (each touched account's values against those loaded) and the batch
+        invariants: Σ debits = Σ credits = Σ of the new transfers; no beneficiary account below zero."""
+        deltas: dict[int, list[int]] = {}
+        base = self.base
+        for a in self.accts_by_id.values():
+            d0, c0 = base[a.id]
+            if a.debits != d0 or a.credits != c0:
+                deltas[a.id] = [a.debits - d0, a.credits - c0]
+                if a.flags & FLAG_NO_OVERDRAFT and a.credits < a.debits:
+                    raise InvariantViolation(f"beneficiary account {a.id} would be negative")
+        self.deltas = deltas
+        debit_total = sum(d[0] for d in deltas.values())
+        credit_total = sum(d[1] for d in deltas.values())
+        moved = sum(t[4] for t in self.new_transfers)
+        if not debit_total == credit_total == moved:
+            raise InvariantViolation(f"batch debits {debit_total} != credits {credit_total} (transfers {moved})")
 
     def write(self) -> None:
+        if self.deltas is None:  # the balance changes come out of the invariant check: never one without it
+            self.check_invariants()
+        assert self.deltas is not None
         bw = BulkWrite(self.store.dialect)
         bw.insert(transfers, TRANSFER_COLUMNS, self.new_transfers, converted=True)
         bw.balance_deltas(self.deltas)
@@ -608,18 +731,40 @@ class _SaStore:
     def __init__(self, conn: Connection):
         self.conn = conn
         self.dialect = conn.dialect
+        self.pg = conn.dialect.name == "postgresql" and hasattr(conn.connection.driver_connection, "fetch")
+        self._driver: Any = None
+
+    def _fetch(self, sql: str, params: tuple[Any, ...] | list[Any]) -> list[Any]:
+        """PostgreSQL: the query on asyncpg itself, inside the adapter's transaction — its rows as asyncpg
+        records (no SQLAlchemy result processing per row: the writer reads thousands a batch), the statement
+        prepared once per connection (asyncpg's statement cache)."""
+        if self._driver is None:
+            adapter = self.conn.connection.dbapi_connection
+            if getattr(adapter, "_transaction", None) is None:  # the adapter BEGINs lazily: begin it first
+                if hasattr(adapter, "_start_transaction"):
+                    await_(adapter._start_transaction())  # the BEGIN alone (no extra statement)
+                else:
+                    self.conn.exec_driver_sql("SELECT 1")  # as BulkWrite.run does
+            self._driver = self.conn.connection.driver_connection
+        return await_(self._driver.fetch(sql, *params))
 
     def select(self, sql: str, lists: list[tuple[Any, str]]) -> list[tuple[Any, ...]]:
         if not any(values for values, _ in lists):
             return []
+        if self.pg:
+            return self._fetch(*render_in(sql, lists, False))
         return select_multi_in_sync(self.conn, sql, lists)
 
     def max_atc(self, cards: list[str]) -> list[tuple[Any, ...]]:
+        if self.pg:
+            return self._fetch(_PG_MAX_ATC, (cards,))
         return [tuple(r) for r in self.conn.exec_driver_sql(_PG_MAX_ATC if self.dialect.name == "postgresql"
                                                             else _SQLITE_MAX_ATC, _atc_params(self.dialect, cards))]
 
     def used_atc(self, pairs: list[tuple[str, int]]) -> list[tuple[Any, ...]]:
         sql, params = _used_atc_query(self.dialect.name == "postgresql", pairs)
+        if self.pg:
+            return self._fetch(sql, params)
         return [tuple(r) for r in self.conn.exec_driver_sql(sql, params)]
 
     def host_rows(self, ids: list[int]) -> list[dict[str, Any]]:
@@ -629,9 +774,23 @@ class _SaStore:
         return out
 
     def resolve_dates(self, nominal: list[date]) -> dict[date, date]:
+        if self.pg:  # the usual case in one asyncpg round trip: every window there and open (held FOR SHARE)
+            wanted = sorted(set(nominal))
+            status = dict(self._fetch("SELECT business_date, status FROM settlement_windows "
+                                      "WHERE business_date = ANY($1::date[]) FOR SHARE", (wanted,)))
+            if len(status) == len(wanted) and all(v == WINDOW_OPEN for v in status.values()):
+                return {d: d for d in wanted}
         return resolve_business_dates_sync(self.conn, nominal)
 
     def allocate(self, wanted: dict[str, int]) -> dict[str, list[int]]:
+        if self.pg and set(wanted) <= set(_PG_SEQUENCES):  # one row of arrays, not one row per value
+            names = [k for k, n in wanted.items() if n > 0]
+            if not names:
+                return {}
+            sql = "SELECT " + ", ".join(f"array(SELECT nextval('{_PG_SEQUENCES[k]}') FROM generate_series(1, ${i}))"
+                                        for i, k in enumerate(names, start=1))
+            row = self._fetch(sql, [int(wanted[k]) for k in names])[0]
+            return {k: list(row[i]) for i, k in enumerate(names)}
         return allocate_many_sync(self.conn, wanted)
 
     def ensure_accounts(self, codes: list[str]) -> None:
@@ -646,6 +805,23 @@ class _SaStore:
 
 
 _HOST_ALL = [c.name for c in host_txns.columns]
+_PG_SEQUENCES = {"rrn": "rrn_seq", "transfer_id": "transfer_id_seq"}
+
+# The batch's keyed reads as joins from the key lists (``{ROWSn}``: one index probe per key, see render_in).
+_SQLITE_LOAD_KEYS = ("SELECT 'id', h.id, NULL FROM {ROWS1} JOIN host_txns AS h ON h.txn_key = r1.v "
+              "UNION ALL SELECT 'id', h.id, NULL FROM {ROWS2} JOIN host_txns AS h ON h.msg_key = r2.v "
+              "UNION ALL SELECT 'id', h.id, NULL FROM {ROWS3} JOIN host_txns AS h ON h.rrn = r3.v "
+              "UNION ALL SELECT 'tomb', NULL, h.orig_key FROM {ROWS4} JOIN host_txns AS h ON h.orig_key = r4.v "
+              "WHERE h.txn_type = 'REVERSAL'")
+# PostgreSQL: ``= ANY(array)`` index scans (its planner may hash-join an ``unnest`` against the whole table)
+_PG_LOAD_KEYS = ("SELECT 'id', id, NULL FROM host_txns WHERE txn_key {IN1} "
+                 "UNION ALL SELECT 'id', id, NULL FROM host_txns WHERE msg_key {IN2} "
+                 "UNION ALL SELECT 'id', id, NULL FROM host_txns WHERE rrn {IN3} "
+                 "UNION ALL SELECT 'tomb', NULL, orig_key FROM host_txns WHERE orig_key {IN4} AND txn_type = 'REVERSAL'")
+_SQLITE_ACCOUNTS_BY_CODE = ("SELECT a.id, a.code, a.flags, a.debits_posted, a.credits_posted FROM {ROWS1} "
+                            "JOIN accounts AS a ON a.code = r1.v")
+_SQLITE_ACCOUNTS_BY_ID = (" UNION ALL SELECT a.id, a.code, a.flags, a.debits_posted, a.credits_posted FROM {ROWS2} "
+                          "JOIN accounts AS a ON a.id = r2.v")
 
 # The highest counter spent per card: a correlated max() is one index probe per card (uq_host_txns_card_atc).
 _SQLITE_MAX_ATC = ("SELECT j.value, (SELECT max(h.atc) FROM host_txns AS h WHERE h.card_no = j.value "
@@ -749,18 +925,28 @@ class _RawSqliteStore:
 
 
 def _run_raw_sqlite(raw: Any, dialect: Any, reqs: list[TxnRequest], cutoff: Cutoff,
-                    authoriser: Authoriser | None = None) -> list[TxnOutcome | BaseException]:
-    """One whole batch in the aiosqlite thread: BEGIN IMMEDIATE … COMMIT on the raw connection."""
+                    authoriser: Authoriser | None = None,
+                    known: _KnownState | None = None) -> list[TxnOutcome | BaseException]:
+    """One whole batch in the aiosqlite thread: BEGIN IMMEDIATE … COMMIT on the raw connection.
+
+    ``known``: the writer's :class:`_KnownState` (accounts and card counters from its previous batches),
+    used only when it proves still valid inside the write transaction; a failed batch drops it."""
     batch = _Batch(_RawSqliteStore(raw, dialect), reqs, cutoff, authoriser)
     batch.prescreen()  # autocommit reads: registry snapshot and cryptograms before the write lock
-    raw.execute("BEGIN IMMEDIATE")
     try:
+        raw.execute("BEGIN IMMEDIATE")
+        if known is not None:
+            batch.known = known.check(raw)
         out = _finish_batch(batch)
         raw.execute("COMMIT")
     except BaseException:
+        if known is not None:
+            known.drop()
         if raw.in_transaction:
             raw.execute("ROLLBACK")
         raise
+    if known is not None:
+        known.keep(raw, batch)
     return out
 
 
@@ -802,6 +988,10 @@ class GroupCommitWriter:
         self._drained = asyncio.Event()  # set while nothing is unanswered (stop() waits for it)
         self._drained.set()
         self._task: asyncio.Task[None] | None = None
+        self._ahead_ok = engine.dialect.name == "sqlite" and RAW_SQLITE_BATCH
+        self._handed = asyncio.Event()  # set once the batch being started ahead reached the database
+        self._known = _KnownState()
+        self._conn: tuple[AsyncConnection, Any] | None = None  # SQLite: see _sqlite_connection  # SQLite: accounts and card counters as of this writer's last commit
 
     async def start(self) -> None:
         if self._task is None:
@@ -816,6 +1006,7 @@ class GroupCommitWriter:
         with contextlib.suppress(asyncio.CancelledError):
             await self._task
         self._task = None
+        await self._release()
 
     async def __aenter__(self) -> GroupCommitWriter:
         await self.start()
@@ -858,32 +1049,91 @@ class GroupCommitWriter:
         return batch
 
     async def _run(self) -> None:
-        while True:
-            batch = await self._collect()
-            try:
-                results = await self._write(batch)
-            except Exception as exc:  # every request of the batch learns of the failure
-                log.exception("ledger batch of %d failed: %s", len(batch), type(exc).__name__)
-                results = [LedgerError(f"ledger batch failed: {type(exc).__name__}")] * len(batch)
-            for req, res in zip(batch, results, strict=True):
-                fut = req.future
-                if fut is not None and not fut.done():
-                    if isinstance(res, BaseException):
-                        fut.set_exception(res)
-                    else:
-                        fut.set_result(res)
-            self._unanswered -= len(batch)
-            if self._unanswered == 0:
-                self._drained.set()
+        ahead: tuple[list[TxnRequest], asyncio.Task[list[TxnOutcome | BaseException]]] | None = None
+        done: tuple[list[TxnRequest], list[TxnOutcome | BaseException]] | None = None  # results not yet answered
+        try:
+            while True:
+                if ahead is None:
+                    batch = await self._collect()
+                    results = await self._write_all(batch)
+                else:
+                    (batch, task), ahead = ahead, None
+                    results = await task
+                done = (batch, results)
+                if self._ahead_ok and len(self._pending) >= self.max_batch:
+                    # SQLite: a full batch already waits (collecting would not wait either): hand it to the
+                    # database thread first, then answer this one while it runs — the thread is not left idle
+                    # meanwhile. Batches still post one after the other: the next starts once this one committed.
+                    # (Not on PostgreSQL: there the batch runs on this event loop too; measured slower.)
+                    nxt = [self._pending.popleft() for _ in range(self.max_batch)]
+                    self._handed.clear()
+                    ahead = (nxt, asyncio.create_task(self._write_all(nxt)))
+                    await self._handed.wait()  # it reached the database (or ended): now the answers
+                done = None
+                self._answer(batch, results)
+        finally:
+            if done is not None:  # cancelled while handing the next batch over: still answer this one
+                self._answer(*done)
+            if ahead is not None:  # cancelled with a batch in flight: it still completes and answers
+                ahead[1].add_done_callback(lambda t, b=ahead[0]: self._answer(
+                    b, t.result() if not t.cancelled() else [LedgerError("ledger writer stopped")] * len(b)))
+
+    async def _write_all(self, batch: list[TxnRequest]) -> list[TxnOutcome | BaseException]:
+        """The batch's results; a failure after retries becomes every request's :class:`LedgerError`."""
+        try:
+            return await self._write(batch)
+        except Exception as exc:  # every request of the batch learns of the failure
+            log.exception("ledger batch of %d failed: %s", len(batch), type(exc).__name__)
+            return [LedgerError(f"ledger batch failed: {type(exc).__name__}")] * len(batch)
+        finally:
+            self._handed.set()
+
+    def _answer(self, batch: list[TxnRequest], results: list[TxnOutcome | BaseException]) -> None:
+        for req, res in zip(batch, results, strict=True):
+            fut = req.future
+            if fut is not None and not fut.done():
+                if isinstance(res, BaseException):
+                    fut.set_exception(res)
+                else:
+                    fut.set_result(res)
+        self._unanswered -= len(batch)
+        if self._unanswered == 0:
+            self._drained.set()
+
+    async def _sqlite_connection(self) -> tuple[AsyncConnection, Any] | None:
+        """SQLite: the writer's own pooled connection and its aiosqlite driver, kept from batch to batch (no
+        checkout, reset and thread hop per batch; what :class:`_KnownState` knows belongs to it) until a batch
+        fails or the writer stops; ``None`` when the driver cannot run a whole batch in its thread."""
+        if self._conn is None:
+            conn = await self.engine.connect()
+            driver = (await conn.get_raw_connection()).driver_connection
+            if not (hasattr(driver, "_execute") and hasattr(driver, "_conn")):
+                await conn.close()
+                return None
+            self._conn = (conn, driver)
+        return self._conn
+
+    async def _release(self) -> None:
+        held, self._conn = self._conn, None
+        self._known.drop()
+        if held is not None:
+            with contextlib.suppress(Exception):
+                await held[0].close()
 
     async def _write_once(self, batch: list[TxnRequest]) -> list[TxnOutcome | BaseException]:
         if self.engine.dialect.name == "sqlite" and RAW_SQLITE_BATCH:
-            async with self.engine.connect() as conn:
-                driver = (await conn.get_raw_connection()).driver_connection
-                if hasattr(driver, "_execute") and hasattr(driver, "_conn"):
+            held = await self._sqlite_connection()
+            if held is not None:
+                conn, driver = held
+                self._handed.set()  # the call below queues the batch on the connection's thread at once
+                try:
                     return await driver._execute(_run_raw_sqlite, driver._conn, conn.dialect, batch, self.cutoff,
-                                                 self.authoriser)
+                                                 self.authoriser, self._known)
+                except Exception:
+                    await self._release()  # the next attempt starts on a fresh connection
+                    raise
         async with write_transaction(self.engine) as conn:
+            self._handed.set()  # run_sync sends the batch's first statement before it first waits
             return await conn.run_sync(run_batch_sync, batch, self.cutoff, self.authoriser)
 
     async def _write(self, batch: list[TxnRequest]) -> list[TxnOutcome | BaseException]:

@@ -73,10 +73,11 @@ def test_pg_bulk_insert_binds_constant_columns_once() -> None:
     rows = [(1, "a", date(2026, 3, 10), None), (2, "b", date(2026, 3, 10), None)]
     sql, params = _pg_unnest_args(transfers, ("id", "transfer_key", "business_date", "memo"), rows)
     assert sql == ("INSERT INTO transfers (id, transfer_key, business_date, memo) SELECT u.c1, u.c2, $3::date, "
-                   "$4::text FROM unnest($1::bigint[], $2::text[]) AS u(c1, c2)")
-    assert params == [[1, 2], ["a", "b"], date(2026, 3, 10), None]
+                   "$4::text FROM unnest($1::bigint[], string_to_array($2::text, chr(31), chr(30))) AS u(c1, c2)")
+    assert params == [[1, 2], "a\x1fb", date(2026, 3, 10), None]  # a text column: one separated string
     # every column the same: one stays an array (it gives unnest its row count)
     sql, params = _pg_unnest_args(transfers, ("code", "memo"), [("x", None), ("x", None)])
-    assert sql.endswith("SELECT u.c1, $2::text FROM unnest($1::text[]) AS u(c1)") and params == [["x", "x"], None]
+    assert sql.endswith("SELECT u.c1, $2::text FROM unnest(string_to_array($1::text, chr(31), chr(30))) AS u(c1)")
+    assert params == ["x\x1fx", None]
     sql, params = _pg_unnest_args(transfers, ("code",), [("x",)])  # one row: plain arrays
     assert params == [["x"]] and "unnest($1::text[])" in sql
