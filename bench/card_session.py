@@ -4,8 +4,9 @@
    the cardholder EF, entitlement, TTN, cryptogram, external auth, log append with PSAM MAC), one core.
    Target ≥ 500 swipes/s.
 2. Serial: the real serial driver against ``carepay sim reader --pty --baud 115200`` in a subprocess
-   (independent commands go as one APDU batch per exchange; the same run repeats it with
-   ``--no-apdu-batch``, one APDU per exchange, as the baseline);
+   (independent commands go as one APDU batch per exchange; the driver's hybrid wait and the
+   reader's busy polling keep OS wake-ups off the critical path; the same run repeats it with
+   ``--no-apdu-batch`` — one APDU per exchange — and with blocking waits on both sides, as baselines);
    per session, overhead = session time − pure link time of the bytes that session actually put on the
    line in both directions (bytes × 10 / baud, 8N1). Target ≤ 5 ms/session for the median; p90 and mean
    are printed beside it (on a shared machine a few wake-ups are descheduled for tens of ms). The
@@ -76,19 +77,21 @@ def bench_in_process(suite: str, seconds: float) -> dict:
             "apdu_bytes_per_session": round(nbytes, 1)}
 
 
-def bench_serial(sessions: int, baud: int, apdu_batch: bool = True) -> dict:
+def bench_serial(sessions: int, baud: int, apdu_batch: bool = True, blocking: bool = False) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         deck_path = Path(tmp) / "cards.json"
         deck = CardDeck(cards=issue_cards(1, aid=AID), issuer="demo:carepay-demo")
         deck.save(deck_path)
         cmd = [sys.executable, "-m", "ops.cli", "sim", "reader", "--pty", "--cards", str(deck_path),
                "--volatile", "--baud", str(baud), "--apdu-batch" if apdu_batch else "--no-apdu-batch"]
+        if blocking:  # the reader blocks between frames, as the driver does for every answer
+            cmd += ["--poll-ms", "0"]
         proc = subprocess.Popen(cmd, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                                 text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
         try:
             assert proc.stdout is not None
             path = proc.stdout.readline().strip()
-            with SerialReader(path, baud=baud, timeout_ms=2_000) as rd:
+            with SerialReader(path, baud=baud or BAUD, timeout_ms=2_000, hybrid_wait=not blocking) as rd:
                 psam = PsamSession(rd.psam)
                 psam.open()
                 session = CardSession(rd.card, psam, AID)
@@ -118,7 +121,7 @@ def bench_serial(sessions: int, baud: int, apdu_batch: bool = True) -> dict:
     link_s = line_bytes * BITS_PER_BYTE / baud if baud else 0.0
     reader_link = {k: round((link1.get(k, 0.0) - link0.get(k, 0.0)) / sessions, 3)
                    for k in ("waits", "line_ms", "slept_ms", "late_ms")} if baud else {}
-    return {"baud": baud, "apdu_batch": apdu_batch, "sessions": sessions, "session_ms": round(statistics.median(times) * 1000, 2),
+    return {"baud": baud, "apdu_batch": apdu_batch, "blocking_waits": blocking, "sessions": sessions, "session_ms": round(statistics.median(times) * 1000, 2),
             "session_mean_ms": round(statistics.fmean(times) * 1000, 2), "link_ms": round(link_s * 1000, 2),
             "overhead_ms": round(statistics.median(overheads) * 1000, 2),
             "overhead_p90_ms": round(_p90(overheads) * 1000, 2),
@@ -175,9 +178,11 @@ def main() -> None:
     r0 = bench_serial(serial_sessions, 0)
     r = bench_serial(serial_sessions, BAUD)
     rs = bench_serial(serial_sessions, BAUD, apdu_batch=False)  # the same run without the APDU batch: baseline
+    rb = bench_serial(serial_sessions, BAUD, blocking=True)  # the same run with blocking waits on both sides
     result["serial_no_delay"] = r0
     result["serial_115200"] = r
     result["serial_115200_single_apdus"] = rs
+    result["serial_115200_blocking_waits"] = rb
     print(f"serial, no link delay: median {r0['session_ms']} ms/session (driver + pty + reader + card work, no line "
           f"time); CPU of driver + reader {r0['cpu_ms_per_session']} ms/session; "
           f"{r0['line_bytes_per_session']:.0f} bytes on the line")
@@ -187,6 +192,8 @@ def main() -> None:
           f"{r['reader_exchanges_per_session']:.0f} reader exchanges per session)")
     print(f"  same link, reader without the APDU batch (one APDU per exchange): {rs['overhead_ms']} ms overhead median, "
           f"p90 {rs['overhead_p90_ms']} ms ({rs['reader_exchanges_per_session']:.0f} exchanges per session)")
+    print(f"  same link, blocking waits (driver hybrid wait off, reader --poll-ms 0): {rb['overhead_ms']} ms overhead "
+          f"median, p90 {rb['overhead_p90_ms']} ms")
     rl = r["reader_link_per_session"]
     if rl:
         print(f"  reader link emulation per session: {rl['waits']:.0f} waits, {rl['line_ms']} ms line time, "

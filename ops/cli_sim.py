@@ -130,6 +130,8 @@ def reader(
     apdu_batch: bool = typer.Option(True, "--apdu-batch/--no-apdu-batch",
                                     help="Run the APDU-batch command (several APDUs per frame); off: answer it "
                                          "'unknown command' like a reader without it."),
+    poll_ms: float = typer.Option(2.0, "--poll-ms", min=0, help="After each answer, poll the line without "
+                                  "blocking this long, as a reader's controller does (0: always block)."),
 ) -> None:
     """A virtual serial reader (card slot + PSAM slot); prints the pty path, runs until stopped.
 
@@ -157,7 +159,7 @@ def reader(
         psam = VirtualPsam(key_sets, terminal_id=terminal_id, state_path=state)
     except ValueError as exc:
         raise BadInput(str(exc)) from None
-    rd = PtyReader(psam, baud=baud or None, deck=deck, apdu_batch=apdu_batch,
+    rd = PtyReader(psam, baud=baud or None, deck=deck, apdu_batch=apdu_batch, busy_poll_s=poll_ms / 1000,
                    log=lambda m: print(f"# {m}", file=sys.stderr, flush=True))
     if insert.lower() != "none" and deck.cards:
         try:

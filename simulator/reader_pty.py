@@ -95,12 +95,17 @@ class PtyReader:
 
     def __init__(self, psam: SlotDevice, card: SlotDevice | None = None, *, baud: int | None = None,
                  deck: CardDeck | None = None, log: Callable[[str], None] | None = None,
-                 apdu_batch: bool = True) -> None:
+                 apdu_batch: bool = True, busy_poll_s: float = 0.0) -> None:
         self.card = SimSlot("card", card)
         self.psam = SimSlot("psam", psam)
         self.deck = deck
         self.baud = baud
         self.apdu_batch = apdu_batch  # False: behave like a reader without CMD_APDU_BATCH
+        # a reader's controller polls its UART and never sleeps; the emulator polls without blocking for this long
+        # after each answer (the next command of a session usually follows within it), so the OS wake-up of a
+        # blocked process is not counted as line or card time
+        self.busy_poll_s = busy_poll_s
+        self._poll_until = 0.0
         self.link = LinkClock(baud) if baud else None
         self.log = log or (lambda _msg: None)
         self.master_fd, self.slave_fd = os.openpty()
@@ -195,7 +200,8 @@ class PtyReader:
     def serve_forever(self) -> None:
         while not self._stop.is_set():
             try:
-                ready, _, _ = select.select([self.master_fd], [], [], POLL_INTERVAL_S)
+                wait = 0.0 if time.perf_counter() < self._poll_until else POLL_INTERVAL_S
+                ready, _, _ = select.select([self.master_fd], [], [], wait)
                 if not ready:
                     continue
                 chunk = os.read(self.master_fd, READ_CHUNK_BYTES)
@@ -215,6 +221,8 @@ class PtyReader:
                     self._send(answer, request_bytes=len(frame.data) + rf.FRAME_OVERHEAD_BYTES + rf.MIN_BODY_BYTES)
                 while self._after:
                     self._send(self._after.pop(0))
+                if self.busy_poll_s:
+                    self._poll_until = time.perf_counter() + self.busy_poll_s
 
     def handle(self, frame: rf.Frame) -> rf.Frame | None:
         """The answer to one host frame (None for frames a reader ignores)."""

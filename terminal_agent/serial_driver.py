@@ -11,6 +11,16 @@
 - pyserial opens and configures the port (baud, 8N1, raw); the exchange itself reads and writes the
   port's file descriptor with ``select`` — pyserial's ``read``/``write`` add a select and an ioctl per
   call, which on a pty doubled the cost of an exchange.
+- Waiting for the answer (``hybrid_wait``, on by default): the driver knows the baud rate and the
+  answer's size from the command (its Le), so it knows when the answer can be complete on the line.
+  It blocks until just before that moment, then polls the port for a short, bounded time (the
+  size is predicted from the last answer to a command of the same shape, else from the Le). The
+  timer's wake-up happens while the answer is still on the line, so the process is already
+  running when the last byte lands and the OS wake-up latency (hundreds of µs on a VM) leaves the
+  critical path. An answer that comes earlier (a short error answer, a fast link) wakes the
+  blocking wait as usual; one that comes later than the bounded poll is waited for blocking. Cost:
+  at most :data:`HYBRID_SPIN_S` of CPU per exchange (the idea of the kernel's hybrid polling for
+  fast storage). ``hybrid_wait=False`` blocks for every answer.
 - Reconnect: an I/O error closes the port; the next exchange reopens it (up to
   ``reconnect_attempts``, ``reconnect_delay_ms`` apart). Status / power commands are retried once
   over the new connection; an APDU never is (its effect on the card is unknown) — it raises
@@ -41,9 +51,43 @@ from protocol.channel import (
 DEFAULT_BAUD = 115_200
 READ_POLL_S = 0.05
 READ_CHUNK_BYTES = 4096
+BITS_PER_BYTE = 10  # 8N1
+HYBRID_MARGIN_S = 0.0003
+"""Hybrid wait: wake this long before the answer could be complete on the line, then poll."""
+HYBRID_SPIN_S = 0.002
+"""Hybrid wait: poll at most this long past the predicted end of the answer, then block again."""
 DEFAULT_RECONNECT_ATTEMPTS = 3
 DEFAULT_RECONNECT_DELAY_MS = 200
 MAX_QUEUED_EVENTS = 64
+
+
+MAX_ANSWER_SHAPES = 256
+
+
+def _shape(cmd: int, slot: int, data: bytes) -> bytes:
+    """What predicts an answer's size: the command, the slot, and each APDU's header, length and last byte."""
+    if cmd == rf.CMD_APDU_BATCH:
+        try:
+            items = rf.parse_batch_request(data)
+        except rf.FrameError:
+            items = []
+        return bytes([cmd, slot]) + b"".join(a[:4] + bytes([len(a) & 0xFF, a[-1] if a else 0]) for a in items)
+    return bytes([cmd, slot]) + data[:4] + bytes([len(data) & 0xFF, data[-1] if data else 0])
+
+
+def _answer_frame_bytes(cmd: int, data: bytes) -> int:
+    """The bytes of the answer frame a command draws when the card answers in full (from the APDU's Le)."""
+    head = rf.FRAME_OVERHEAD_BYTES + rf.MIN_BODY_BYTES + 1  # + status byte
+    if cmd == rf.CMD_APDU:
+        return head + rf.batch_answer_bound([data]) - rf.BATCH_ANSWER_HEAD_BYTES
+    if cmd == rf.CMD_APDU_BATCH:
+        try:
+            return head + rf.batch_answer_bound(rf.parse_batch_request(data))
+        except rf.FrameError:
+            return head
+    if cmd == rf.CMD_POWER_ON:
+        return head + rf.MAX_ATR_BYTES // 2  # a typical ATR: the wait must not overshoot short ones by much
+    return head + 1
 
 
 class SerialChannel:
@@ -142,9 +186,11 @@ class SerialReader:
 
     def __init__(self, port: str, *, baud: int = DEFAULT_BAUD, timeout_ms: int = DEFAULT_APDU_TIMEOUT_MS,
                  reconnect_attempts: int = DEFAULT_RECONNECT_ATTEMPTS,
-                 reconnect_delay_ms: int = DEFAULT_RECONNECT_DELAY_MS) -> None:
+                 reconnect_delay_ms: int = DEFAULT_RECONNECT_DELAY_MS, hybrid_wait: bool = True) -> None:
         self.port = port
         self.baud = baud
+        self.hybrid_wait = hybrid_wait and baud > 0
+        self._answer_sizes: dict[bytes, int] = {}  # command shape -> answer frame bytes last seen
         self.timeout_ms = timeout_ms
         self.reconnect_attempts = reconnect_attempts
         self.reconnect_delay_ms = reconnect_delay_ms
@@ -279,6 +325,18 @@ class SerialReader:
                 if left <= 0 or not select.select([], [fd], [], left)[1]:
                     raise ChannelTimeout(f"serial port {self.port} does not take data (write timeout)") from None
 
+    def _hybrid_wait(self, fd: int, due: float, deadline: float) -> None:
+        """Block until shortly before ``due`` (when the answer can be complete), then poll until it is readable
+        or a bounded spin has passed; the caller's blocking loop takes over from there."""
+        wake = min(due - HYBRID_MARGIN_S, deadline)
+        left = wake - time.monotonic()
+        if left > 0 and select.select([fd], [], [], left)[0]:
+            return  # it came early: readable now
+        stop = min(max(due, time.monotonic()) + HYBRID_SPIN_S, deadline)
+        while time.monotonic() < stop:
+            if select.select([fd], [], [], 0)[0]:
+                return
+
     def _drain_locked(self) -> None:
         fd = self._fd()
         while True:
@@ -314,9 +372,14 @@ class SerialReader:
         raw = rf.encode(rf.request(cmd, slot, data))
         deadline = time.monotonic() + self.timeout_ms / 1000
         self._write_all(fd, raw, deadline)
+        sent_at = time.monotonic()
         self.bytes_sent += len(raw)
         self.exchanges += 1
         want = cmd | rf.RESPONSE_BIT
+        shape = _shape(cmd, slot, data) if self.hybrid_wait else b""
+        if self.hybrid_wait:
+            expect = self._answer_sizes.get(shape) or _answer_frame_bytes(cmd, data)
+            self._hybrid_wait(fd, sent_at + (len(raw) + expect) * BITS_PER_BYTE / self.baud, deadline)
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
@@ -337,4 +400,8 @@ class SerialReader:
                 else:
                     self.stray_frames += 1
             if answer is not None:
+                if shape:  # the next command of this shape most likely draws an answer of this size
+                    if len(self._answer_sizes) >= MAX_ANSWER_SHAPES:
+                        self._answer_sizes.clear()
+                    self._answer_sizes[shape] = len(answer.data) + rf.FRAME_OVERHEAD_BYTES + rf.MIN_BODY_BYTES + 1
                 return answer
