@@ -23,6 +23,9 @@ import os
 import time
 import uuid
 
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncEngine
+
 from clearing.terminal_keys import TerminalKeySource, WorkingKeys
 from keys.diversify import kcv
 from keys.sm2 import verify as sm2_verify
@@ -38,10 +41,25 @@ NONCE_TAG_BYTES = 16
 class SignOnService:
     """Answers ``sign_on`` messages; shares state with other workers only through the database."""
 
-    def __init__(self, key_source: TerminalKeySource, working_keys: WorkingKeys, wkm: bytes) -> None:
+    def __init__(self, key_source: TerminalKeySource, working_keys: WorkingKeys, wkm: bytes,
+                 engine: AsyncEngine | None = None) -> None:
         self._keys = key_source
         self._working = working_keys
         self._wkm = wkm
+        self._engine = engine  # the registry: the provider a terminal is bound to goes back in the answer
+
+    async def _provider(self, terminal_id: str) -> tuple[str, str]:
+        """(provider id, provider name) the registry binds ``terminal_id`` to; empty without a registry."""
+        if self._engine is None:
+            return "", ""
+        from clearing.schema import providers, terminals
+
+        async with self._engine.connect() as conn:
+            row = (await conn.execute(
+                sa.select(providers.c.provider_id, providers.c.name)
+                .join(terminals, terminals.c.provider_id == providers.c.provider_id)
+                .where(terminals.c.terminal_id == terminal_id))).first()
+        return (row[0], row[1]) if row else ("", "")
 
     def __repr__(self) -> str:
         return "SignOnService(<keys hidden>)"
@@ -94,7 +112,10 @@ class SignOnService:
         if rotated is None:
             return refuse(RC.DUPLICATE, "sign-on nonce already used")
         version, tak, tek = rotated
+        provider_id, provider_name = await self._provider(msg.terminal_id)
         return SignOnOk(
+            provider_id=provider_id,
+            provider_name=provider_name[:128],
             response_code=RC.APPROVED,
             tak_under_tmk=encrypt_ecb(tmk, tak, SM4).hex().upper(),
             tek_under_tmk=encrypt_ecb(tmk, tek, SM4).hex().upper(),

@@ -399,7 +399,7 @@ async def clearing_runtime(engine: AsyncEngine, url: str, *, issuer_keys: Any, k
     service = ClearingService(engine, issuer_keys, config)
     async with service:
         working = WorkingKeys(engine, wkm, grace_s=grace_s)
-        worker = ClearingWorker(url, service, working, SignOnService(key_source, working, wkm),
+        worker = ClearingWorker(url, service, working, SignOnService(key_source, working, wkm, engine),
                                 max_age_s=max_age_s, embedded=embedded, name=name)
         task = asyncio.create_task(worker.run(), name=f"clearing-worker-{name}")
         try:

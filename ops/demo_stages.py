@@ -270,7 +270,7 @@ async def stage_services(ctx: DemoContext) -> dict[str, Any]:
         await tk.ensure_schema(engine)
     wkm = tk.working_key_master_from_keystore(store)
     working = tk.WorkingKeys(engine, wkm)
-    sign_on = signon.SignOnService(tk.KeyStoreTerminalKeys(store), working, wkm)
+    sign_on = signon.SignOnService(tk.KeyStoreTerminalKeys(store), working, wkm, engine)
     worker = worker_mod.ClearingWorker(broker.url, service, working, sign_on, embedded=True, name="demo",
                                        max_age_s=settings.message_max_age_s)
     task = asyncio.create_task(worker.run(), name="clearing-worker")

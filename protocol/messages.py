@@ -220,6 +220,8 @@ class SignOnOk(Message):
     key_version: int = 0
     business_date: BusinessDate | None = None
     message: str = Field(default="", max_length=200)
+    provider_id: str = Field(default="", max_length=15)  # who the registry binds the terminal to (receipts)
+    provider_name: str = Field(default="", max_length=128)
 
 
 # --- purchase (消费) and its answer

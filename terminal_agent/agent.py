@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -300,6 +301,11 @@ class TerminalAgent:
             raise SignOnFailed("working key check values do not match: keys refused")
         self._prev_tak, self._tak, self._tek = self._tak, tak, tek
         self.key_version = ok.key_version
+        if ok.provider_id and ok.provider_id != ident.provider_id:
+            log.warning("the host binds terminal %s to provider %s, not %s as configured",
+                        ident.terminal_id, ok.provider_id, ident.provider_id)
+        elif ok.provider_name and not ident.provider_name:  # the registry's name for receipts
+            self.identity = dataclasses.replace(ident, provider_name=ok.provider_name)
         return ok.key_version
 
     # --- card plumbing ---------------------------------------------------------------------------------

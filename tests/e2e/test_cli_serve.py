@@ -52,6 +52,7 @@ def test_terminal_run_charges_voids_and_settles(served, tmp_path: Path) -> None:
     out = json.loads(r.stdout)["results"][0]
     assert out["outcome"]["approved"] and out["outcome"]["balance_after_fen"] == 100_000 - 1_500
     assert "RMB 15.00" in out["receipt"] and out["outcome"]["rrn"] in out["receipt"]
+    assert "商户 PROVIDER: 示范养老服务驿站 (demo)" in out["receipt"]  # the registry's name, from the sign-on answer
     r = carepay(*common, "--void", out["outcome"]["trace_no"], env=env)
     assert r.returncode == 0 and "VOID" in r.stdout and "APPROVED" in r.stdout, r.stderr
     r = carepay(*common, "--settle", env=env)
