@@ -27,6 +27,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from clearing import idempotency as idem
 from clearing.accounts import PROGRAMS, card_account, ensure_accounts_sync, fund_account, migration_account
+from clearing.audit import append_audit
 from clearing.db import write_transaction
 from clearing.ledger import TransferSpec, post_transfers_sync
 from clearing.schema import accounts, cards
@@ -136,7 +137,10 @@ def card_row(spec: Any, now: datetime | None = None) -> dict[str, Any]:
     }
 
 
-async def register_cards(engine: AsyncEngine, deck: list[Any]) -> int:
+DEFAULT_ACTOR = "operator"
+
+
+async def register_cards(engine: AsyncEngine, deck: list[Any], *, actor: str = DEFAULT_ACTOR) -> int:
     """Register issued cards (发卡登记) and open their program accounts; returns how many were new.
 
     Cards already registered with the same card number and application serial are skipped;
@@ -149,7 +153,10 @@ async def register_cards(engine: AsyncEngine, deck: list[Any]) -> int:
         if r["status"] not in CARD_STATUSES:
             raise LifecycleError(f"card {mask_card_no(r['card_no'])}: bad status {r['status']!r}")
     async with write_transaction(engine) as conn:
-        return await conn.run_sync(_register_sync, rows)
+        n = await conn.run_sync(_register_sync, rows)
+        if n:
+            await conn.run_sync(append_audit, actor, "card.register", "cards", {"registered": n, "in_request": len(rows)})
+        return n
 
 
 def _register_sync(conn: Connection, rows: list[dict[str, Any]]) -> int:
@@ -185,8 +192,8 @@ def _register_sync(conn: Connection, rows: list[dict[str, Any]]) -> int:
 # --- status changes -------------------------------------------------------------------------------------
 
 
-async def _set_status(engine: AsyncEngine, card_no: str, allowed_from: tuple[str, ...], to: str,
-                      **extra: Any) -> Card:
+async def _set_status(engine: AsyncEngine, card_no: str, allowed_from: tuple[str, ...], to: str, action: str,
+                      actor: str, **extra: Any) -> Card:
     async with write_transaction(engine) as conn:
         card = await conn.run_sync(_get_card_sync, card_no)
         if card is None:
@@ -195,29 +202,30 @@ async def _set_status(engine: AsyncEngine, card_no: str, allowed_from: tuple[str
             raise LifecycleError(f"card {mask_card_no(card_no)} is {card.status}; cannot become {to}")
         await conn.execute(update(cards).where(cards.c.card_no == card_no)
                            .values(status=to, updated_at=datetime.now(UTC), **extra))
+        await conn.run_sync(append_audit, actor, action, mask_card_no(card_no), {"from": card.status, "to": to})
         return dataclasses.replace(card, status=to, **{k: v for k, v in extra.items() if k in ("valid_until",)})
 
 
-async def activate(engine: AsyncEngine, card_no: str) -> Card:
+async def activate(engine: AsyncEngine, card_no: str, *, actor: str = DEFAULT_ACTOR) -> Card:
     """Activate an issued card (启用)."""
-    return await _set_status(engine, card_no, ("issued",), "active")
+    return await _set_status(engine, card_no, ("issued",), "active", "card.activate", actor)
 
 
-async def report_lost(engine: AsyncEngine, card_no: str) -> Card:
+async def report_lost(engine: AsyncEngine, card_no: str, *, actor: str = DEFAULT_ACTOR) -> Card:
     """挂失: the card is blocked; purchases are declined ``62``. Reporting a lost card again is harmless."""
     async with engine.connect() as conn:
         card = await get_card(conn, card_no)
     if card is not None and card.status == "lost":
         return card
-    return await _set_status(engine, card_no, ("issued", "active"), "lost")
+    return await _set_status(engine, card_no, ("issued", "active"), "lost", "card.lost", actor)
 
 
-async def unblock(engine: AsyncEngine, card_no: str) -> Card:
+async def unblock(engine: AsyncEngine, card_no: str, *, actor: str = DEFAULT_ACTOR) -> Card:
     """解挂: a lost card found again becomes active."""
-    return await _set_status(engine, card_no, ("lost",), "active")
+    return await _set_status(engine, card_no, ("lost",), "active", "card.unblock", actor)
 
 
-async def extend(engine: AsyncEngine, card_no: str, valid_until: date) -> Card:
+async def extend(engine: AsyncEngine, card_no: str, valid_until: date, *, actor: str = DEFAULT_ACTOR) -> Card:
     """延期: a new eligibility valid-until date (must be later than the current one)."""
     async with write_transaction(engine) as conn:
         card = await conn.run_sync(_get_card_sync, card_no)
@@ -229,6 +237,8 @@ async def extend(engine: AsyncEngine, card_no: str, valid_until: date) -> Card:
             raise LifecycleError(f"new valid-until {valid_until} is not after {card.valid_until}")
         await conn.execute(update(cards).where(cards.c.card_no == card_no)
                            .values(valid_until=valid_until, updated_at=datetime.now(UTC)))
+        await conn.run_sync(append_audit, actor, "card.extend", mask_card_no(card_no),
+                            {"from": card.valid_until.isoformat(), "to": valid_until.isoformat()})
         return dataclasses.replace(card, valid_until=valid_until)
 
 
@@ -239,7 +249,7 @@ def _card_balances_sync(conn: Connection, card_no: str) -> dict[str, int]:
     return {code.rsplit(":", 1)[1]: int(c) - int(d) for code, c, d in conn.execute(q)}
 
 
-async def replace(engine: AsyncEngine, old_card_no: str, new_card: Any) -> dict[str, Any]:
+async def replace(engine: AsyncEngine, old_card_no: str, new_card: Any, *, actor: str = DEFAULT_ACTOR) -> dict[str, Any]:
     """补卡/换卡: register ``new_card`` (same cardholder), move every balance to it, close the old card.
 
     One transaction: the new card, the correcting transfers and the old card's closure
@@ -248,10 +258,10 @@ async def replace(engine: AsyncEngine, old_card_no: str, new_card: Any) -> dict[
     """
     row = card_row(new_card)
     async with write_transaction(engine) as conn:
-        return await conn.run_sync(_replace_sync, old_card_no, row)
+        return await conn.run_sync(_replace_sync, old_card_no, row, actor)
 
 
-def _replace_sync(conn: Connection, old_no: str, row: dict[str, Any]) -> dict[str, Any]:
+def _replace_sync(conn: Connection, old_no: str, row: dict[str, Any], actor: str = DEFAULT_ACTOR) -> dict[str, Any]:
     key = f"{old_no}->{row['card_no']}"
     h = idem.request_hash({"old": old_no, "new": row["card_no"], "serial": row["app_serial"]})
     stored = idem.lookup_sync(conn, "card_replace", key, h)
@@ -280,20 +290,22 @@ def _replace_sync(conn: Connection, old_no: str, row: dict[str, Any]) -> dict[st
                  .values(status="closed", replaced_by=row["card_no"], updated_at=datetime.now(UTC)))
     answer = {"old_card": mask_card_no(old_no), "new_card": mask_card_no(row["card_no"]), "moved_fen": moved}
     idem.store_sync(conn, "card_replace", key, h, answer)
+    append_audit(conn, actor, "card.replace", mask_card_no(old_no), answer)
     return answer
 
 
 async def cancel(engine: AsyncEngine, card_no: str, policy: str = DEFAULT_CANCEL_POLICY,
-                 reason: str = "death") -> dict[str, Any]:
+                 reason: str = "death", *, actor: str = DEFAULT_ACTOR) -> dict[str, Any]:
     """注销: close the card (e.g. on death data). ``return_to_fund`` moves every balance back to the
     program fund of the card's district; ``freeze`` leaves it frozen on the cancelled card."""
     if policy not in CANCEL_POLICIES:
         raise LifecycleError(f"cancel policy must be one of {', '.join(CANCEL_POLICIES)}")
     async with write_transaction(engine) as conn:
-        return await conn.run_sync(_cancel_sync, card_no, policy, reason)
+        return await conn.run_sync(_cancel_sync, card_no, policy, reason, actor)
 
 
-def _cancel_sync(conn: Connection, card_no: str, policy: str, reason: str) -> dict[str, Any]:
+def _cancel_sync(conn: Connection, card_no: str, policy: str, reason: str,
+                 actor: str = DEFAULT_ACTOR) -> dict[str, Any]:
     h = idem.request_hash({"policy": policy})
     stored = idem.lookup_sync(conn, "card_cancel", card_no, h)
     if stored is not None:
@@ -319,6 +331,7 @@ def _cancel_sync(conn: Connection, card_no: str, policy: str, reason: str) -> di
     frozen = {p: b for p, b in bals.items() if b > 0} if policy == "freeze" else {}
     answer = {"card": mask_card_no(card_no), "policy": policy, "returned_fen": returned, "frozen_fen": frozen}
     idem.store_sync(conn, "card_cancel", card_no, h, answer)
+    append_audit(conn, actor, "card.cancel", mask_card_no(card_no), {**answer, "reason": reason[:200]})
     return answer
 
 
@@ -381,7 +394,7 @@ def parse_migration(text: str) -> tuple[list[MigrationLine], list[str]]:
     return lines, problems
 
 
-async def migrate(engine: AsyncEngine, path: Path | str) -> dict[str, Any]:
+async def migrate(engine: AsyncEngine, path: Path | str, *, actor: str = DEFAULT_ACTOR) -> dict[str, Any]:
     """多卡合一: credit balances from another bank's elderly-quota accounts onto registered cards.
 
     All-or-nothing per file, idempotent per file content (a second run reports ``already_imported``).
@@ -393,10 +406,11 @@ async def migrate(engine: AsyncEngine, path: Path | str) -> dict[str, Any]:
         raise LifecycleError("migration file is not UTF-8") from None
     lines, problems = parse_migration(text)
     async with write_transaction(engine) as conn:
-        return await conn.run_sync(_migrate_sync, raw, lines, problems)
+        return await conn.run_sync(_migrate_sync, raw, lines, problems, actor)
 
 
-def _migrate_sync(conn: Connection, raw: bytes, lines: list[MigrationLine], problems: list[str]) -> dict[str, Any]:
+def _migrate_sync(conn: Connection, raw: bytes, lines: list[MigrationLine], problems: list[str],
+                  actor: str = DEFAULT_ACTOR) -> dict[str, Any]:
     h = idem.request_hash(raw)
     stored = idem.lookup_sync(conn, "migration", h, h)
     if stored is not None:
@@ -425,6 +439,8 @@ def _migrate_sync(conn: Connection, raw: bytes, lines: list[MigrationLine], prob
     post_transfers_sync(conn, specs)
     answer = {"lines": len(lines), "amount_fen": sum(ln.amount_fen for ln in lines), "already_imported": False}
     idem.store_sync(conn, "migration", h, h, answer)
+    append_audit(conn, actor, "card.migrate", f"file:{h[:16]}", {"lines": answer["lines"],
+                                                                 "amount_fen": answer["amount_fen"]})
     return answer
 
 

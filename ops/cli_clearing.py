@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 from collections.abc import Awaitable, Callable
 from datetime import date
 from pathlib import Path
@@ -342,9 +343,12 @@ def _card_dict(c: Any) -> dict[str, Any]:
             "replaced_by": mask_card_no(c.replaced_by) if c.replaced_by else None}
 
 
+UserOpt = typer.Option(os.environ.get("USER", "operator"), "--user", help="Who does this (written to the audit log).")
+
+
 @card_app.command("register")
 def card_register(file: Path = typer.Argument(..., help="JSON list of cards (the personalisation deck)."),
-                  db: str = DbOpt, as_json: bool = JsonOpt) -> None:
+                  db: str = DbOpt, as_json: bool = JsonOpt, user: str = UserOpt) -> None:
     """Register issued cards from a JSON deck (card_no, app_serial, id_no, district, valid_until, programs, …).
 
     Example: carepay card register deck.json
@@ -359,7 +363,7 @@ def card_register(file: Path = typer.Argument(..., help="JSON list of cards (the
         deck = deck.get("cards", [])
     if not isinstance(deck, list):
         raise BadInput(f"{file}: expected a JSON list of cards")
-    n = _run(db, lambda e: register_cards(e, deck))
+    n = _run(db, lambda e: register_cards(e, deck, actor=user))
     _print({"registered": n, "in_file": len(deck)}, as_json, f"{n} new card(s) registered of {len(deck)}")
 
 
@@ -385,32 +389,32 @@ def card_show(card_no: str, db: str = DbOpt, as_json: bool = JsonOpt) -> None:
 
 
 @card_app.command("lost")
-def card_lost(card_no: str, db: str = DbOpt, as_json: bool = JsonOpt) -> None:
+def card_lost(card_no: str, db: str = DbOpt, as_json: bool = JsonOpt, user: str = UserOpt) -> None:
     """Report a card lost (挂失): purchases are declined 62.
 
     Example: carepay card lost 6218880000000000015
     """
     from clearing.lifecycle import report_lost
 
-    c = _run(db, lambda e: report_lost(e, card_no))
+    c = _run(db, lambda e: report_lost(e, card_no, actor=user))
     _print(_card_dict(c), as_json, f"card {_card_dict(c)['card_no']} is {c.status}")
 
 
 @card_app.command("unblock")
-def card_unblock(card_no: str, db: str = DbOpt, as_json: bool = JsonOpt) -> None:
+def card_unblock(card_no: str, db: str = DbOpt, as_json: bool = JsonOpt, user: str = UserOpt) -> None:
     """Unblock a lost card (解挂).
 
     Example: carepay card unblock 6218880000000000015
     """
     from clearing.lifecycle import unblock
 
-    c = _run(db, lambda e: unblock(e, card_no))
+    c = _run(db, lambda e: unblock(e, card_no, actor=user))
     _print(_card_dict(c), as_json, f"card {_card_dict(c)['card_no']} is {c.status}")
 
 
 @card_app.command("extend")
 def card_extend(card_no: str, until: str = typer.Option(..., "--until", help="New valid-until, YYYY-MM-DD."),
-                db: str = DbOpt, as_json: bool = JsonOpt) -> None:
+                db: str = DbOpt, as_json: bool = JsonOpt, user: str = UserOpt) -> None:
     """Extend eligibility (延期).
 
     Example: carepay card extend 6218880000000000015 --until 2031-12-31
@@ -418,7 +422,7 @@ def card_extend(card_no: str, until: str = typer.Option(..., "--until", help="Ne
     from clearing.lifecycle import extend
 
     d = _date(until, "--until")
-    c = _run(db, lambda e: extend(e, card_no, d))
+    c = _run(db, lambda e: extend(e, card_no, d, actor=user))
     _print(_card_dict(c), as_json, f"card {_card_dict(c)['card_no']} valid until {c.valid_until}")
 
 
@@ -426,7 +430,7 @@ def card_extend(card_no: str, until: str = typer.Option(..., "--until", help="Ne
 def card_replace(card_no: str, new_card_no: str = typer.Option(..., "--new-card"),
                  app_serial: str = typer.Option(..., "--app-serial", help="The new card's application serial (hex)."),
                  key_version: int = typer.Option(1, "--key-version"), db: str = DbOpt,
-                 as_json: bool = JsonOpt) -> None:
+                 as_json: bool = JsonOpt, user: str = UserOpt) -> None:
     """Replace a card (补卡/换卡): the new card gets the cardholder data and every balance; the old is closed.
 
     Example: carepay card replace 6218880000000000015 --new-card 6218880000000000023 --app-serial 00000000000000A1
@@ -441,7 +445,7 @@ def card_replace(card_no: str, new_card_no: str = typer.Option(..., "--new-card"
         spec = {"card_no": new_card_no, "app_serial": app_serial, "id_no": old.id_no, "district": old.district,
                 "street": old.street, "category": old.category, "valid_until": old.valid_until,
                 "programs": old.programs, "key_version": key_version, "suite": old.suite}
-        return await replace(engine, card_no, spec)
+        return await replace(engine, card_no, spec, actor=user)
 
     out = _run(db, work)
     _print(out, as_json, f"card {out['old_card']} replaced by {out['new_card']}; moved "
@@ -451,21 +455,22 @@ def card_replace(card_no: str, new_card_no: str = typer.Option(..., "--new-card"
 @card_app.command("cancel")
 def card_cancel(card_no: str, policy: str = typer.Option("return_to_fund", "--policy",
                                                          help="return_to_fund or freeze"),
-                reason: str = typer.Option("death", "--reason"), db: str = DbOpt, as_json: bool = JsonOpt) -> None:
+                reason: str = typer.Option("death", "--reason"), db: str = DbOpt, as_json: bool = JsonOpt,
+                user: str = UserOpt) -> None:
     """Cancel a card (注销), e.g. on death data; balances returned to the fund or frozen per policy.
 
     Example: carepay card cancel 6218880000000000015 --policy return_to_fund --reason death
     """
     from clearing.lifecycle import cancel
 
-    out = _run(db, lambda e: cancel(e, card_no, policy, reason))
+    out = _run(db, lambda e: cancel(e, card_no, policy, reason, actor=user))
     _print(out, as_json, f"card {out['card']} cancelled ({out['policy']})")
 
 
 @card_app.command("migrate")
 def card_migrate(file: Path = typer.Argument(..., help="CSV: source_bank,source_account,card_no,id_no,program,"
                                                        "amount_fen"),
-                 db: str = DbOpt, as_json: bool = JsonOpt) -> None:
+                 db: str = DbOpt, as_json: bool = JsonOpt, user: str = UserOpt) -> None:
     """多卡合一: credit balances from another bank's elderly-quota accounts onto registered cards
     (all or nothing; a file imports once).
 
@@ -474,7 +479,7 @@ def card_migrate(file: Path = typer.Argument(..., help="CSV: source_bank,source_
     from clearing.lifecycle import MigrationRejected, migrate
 
     try:
-        out = _run(db, lambda e: migrate(e, file))
+        out = _run(db, lambda e: migrate(e, file, actor=user))
     except BadInput as exc:
         cause = exc.__cause__ or exc.__context__
         if isinstance(cause, MigrationRejected):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from datetime import date
 from pathlib import Path
 
@@ -199,6 +200,36 @@ def test_card_cli(tmp_path: Path) -> None:
     assert json.loads(res.output)["policy"] == "return_to_fund"
     res = r.invoke(app, ["card", "lost", make_card_no("621888", 44), "--db", url])
     assert res.exit_code != 0 and "unknown card" in str(res.exception)
+    # every step is in the audit log, in order, under the --user given (default $USER), numbers masked
+    res = r.invoke(app, ["card", "lost", new, "--db", url, "--user", "clerk-li"])
+    assert res.exit_code != 0  # a cancelled card cannot be reported lost: nothing audited
+    entries = asyncio.run(_audit(url))
+    assert [e["action"] for e in entries] == ["card.register", "card.lost", "card.unblock", "card.extend",
+                                              "card.replace", "card.cancel"]
+    assert entries[1]["details"]["to"] == "lost" and {e["actor"] for e in entries} == {os.environ.get("USER", "operator")}
+    assert entries[3]["details"] == {"from": "2030-12-31", "to": "2031-01-01"}
+    assert all(card not in json.dumps(e) and new not in json.dumps(e) and id_no not in json.dumps(e) for e in entries)
+    assert entries[1]["subject"] == card[:6] + "*" * 9 + card[-4:]
+
+
+async def _audit(url: str) -> list[dict]:
+    import json
+
+    from sqlalchemy import select as sel
+
+    from clearing.audit import verify_chain
+    from clearing.db import make_engine
+    from clearing.eod_schema import audit_log
+
+    engine = make_engine(url)
+    try:
+        assert (await verify_chain(engine)).intact
+        async with engine.connect() as conn:
+            rows = (await conn.execute(sel(audit_log).order_by(audit_log.c.seq))).mappings().all()
+        return [{"action": r["action"], "subject": r["subject"], "actor": r["actor"],
+                 "details": json.loads(r["details"])} for r in rows]
+    finally:
+        await engine.dispose()
 
 
 async def _init(url, init_db, make_engine) -> None:
