@@ -27,6 +27,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from clearing import idempotency as idem
 from clearing.accounts import card_account, expired_account, fund_account
+from clearing.audit import append_audit
 from clearing.db import write_transaction
 from clearing.ledger import IdempotencyConflict, TransferSpec, post_transfers_sync
 from clearing.schema import accounts, cards, voucher_lots
@@ -54,7 +55,7 @@ def _reject(line_no: int, reason: str) -> dict[str, Any]:
     return {"line_no": line_no, "reason": reason}
 
 
-async def import_recharge(engine: AsyncEngine, path: str | Path) -> RechargeReport:
+async def import_recharge(engine: AsyncEngine, path: str | Path, *, actor: str = "operator") -> RechargeReport:
     """Import one recharge file; see the module docstring. Never raises for bad content."""
     p = Path(path)
     try:
@@ -70,7 +71,7 @@ async def import_recharge(engine: AsyncEngine, path: str | Path) -> RechargeRepo
     file_hash = hashlib.sha256(raw).hexdigest()
     try:
         async with write_transaction(engine) as conn:
-            return await conn.run_sync(_import_sync, parsed, file_hash)
+            return await conn.run_sync(_import_sync, parsed, file_hash, actor)
     except IdempotencyConflict:
         return RechargeReport("rejected", parsed.batch_id, rejects=[_reject(
             0, f"batch {parsed.batch_id} was already imported with different content")])
@@ -84,7 +85,7 @@ class _Rejected(Exception):
         self.report = report
 
 
-def _import_sync(conn: Connection, parsed: Any, file_hash: str) -> RechargeReport:
+def _import_sync(conn: Connection, parsed: Any, file_hash: str, actor: str = "operator") -> RechargeReport:
     batch_id = parsed.batch_id
     if not parsed.rejects:
         stored = idem.lookup_sync(conn, "recharge", batch_id, file_hash)
@@ -123,6 +124,8 @@ def _import_sync(conn: Connection, parsed: Any, file_hash: str) -> RechargeRepor
         conn.execute(voucher_lots.insert(), lots)
     total = sum(ln.amount_fen for ln in parsed.lines)
     idem.store_sync(conn, "recharge", batch_id, file_hash, {"lines": len(parsed.lines), "total_fen": total})
+    append_audit(conn, actor, "recharge.import", f"batch:{batch_id}",
+                 {"lines": len(parsed.lines), "total_fen": total, "file_sha256": file_hash})
     return RechargeReport("imported", batch_id, len(parsed.lines), total)
 
 
@@ -164,10 +167,13 @@ def expiring_amounts(lots: list[dict[str, Any]], balance: int, as_of: date) -> t
     return expired, ids
 
 
-async def expire_vouchers(engine: AsyncEngine, as_of: date) -> dict[str, Any]:
+async def expire_vouchers(engine: AsyncEngine, as_of: date, *, actor: str = "operator") -> dict[str, Any]:
     """Sweep voucher money whose lots expired before ``as_of`` to ``expired:voucher``; idempotent."""
     async with write_transaction(engine) as conn:
-        return await conn.run_sync(_expire_sync, as_of)
+        out = await conn.run_sync(_expire_sync, as_of)
+        if out["cards"]:
+            await conn.run_sync(append_audit, actor, "voucher.expire", f"as_of:{as_of.isoformat()}", out)
+        return out
 
 
 def _expire_sync(conn: Connection, as_of: date) -> dict[str, Any]:
@@ -196,13 +202,16 @@ def _expire_sync(conn: Connection, as_of: date) -> dict[str, Any]:
     return {"cards": len(specs), "expired_fen": sum(s.amount_fen for s in specs)}
 
 
-async def rollover_year_end(engine: AsyncEngine, year: int) -> dict[str, Any]:
+async def rollover_year_end(engine: AsyncEngine, year: int, *, actor: str = "operator") -> dict[str, Any]:
     """结转: after sweeping vouchers that expired before 31 December, move every card's unspent voucher balance into its
     ``restricted`` account (spendable only on :data:`clearing.registry.RESTRICTED_SERVICE_CATEGORIES`).
     Idempotent per year."""
-    await expire_vouchers(engine, date(year, 12, 31))  # money valid through 31 December rolls over
+    await expire_vouchers(engine, date(year, 12, 31), actor=actor)  # money valid through 31 December rolls over
     async with write_transaction(engine) as conn:
-        return await conn.run_sync(_rollover_sync, year)
+        out = await conn.run_sync(_rollover_sync, year)
+        if not out["already_done"]:
+            await conn.run_sync(append_audit, actor, "voucher.rollover", f"year:{year}", out)
+        return out
 
 
 def _rollover_sync(conn: Connection, year: int) -> dict[str, Any]:

@@ -21,6 +21,7 @@ from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from clearing.accounts import ensure_accounts_sync, provider_payable
+from clearing.audit import append_audit
 from clearing.db import write_transaction
 from clearing.schema import providers, terminals
 
@@ -97,7 +98,8 @@ def _norm_list(values: str | list[str] | tuple[str, ...], allowed: tuple[str, ..
 
 
 async def add_provider(engine: AsyncEngine, provider_id: str, name: str, programs: str | list[str],
-                       service_categories: str | list[str], settle_account: str, district: str = "") -> Provider:
+                       service_categories: str | list[str], settle_account: str, district: str = "", *,
+                       actor: str = "operator") -> Provider:
     """Register a provider (active) and open its payable account."""
     if not PROVIDER_ID_RE.match(provider_id):
         raise RegistryError("provider id must be 15 characters 0-9A-Z")
@@ -117,10 +119,13 @@ async def add_provider(engine: AsyncEngine, provider_id: str, name: str, program
             provider_id=provider_id, name=name.strip(), programs=",".join(progs), service_categories=",".join(cats),
             status="active", settle_account=settle_account, district=district, created_at=now, updated_at=now))
         await conn.run_sync(ensure_accounts_sync, [provider_payable(provider_id)])
+        await conn.run_sync(append_audit, actor, "provider.add", provider_id,
+                            {"programs": progs, "service_categories": cats, "district": district})
     return Provider(provider_id, name.strip(), tuple(progs), tuple(cats), "active", settle_account, district)
 
 
-async def set_provider_status(engine: AsyncEngine, provider_id: str, status: str) -> Provider:
+async def set_provider_status(engine: AsyncEngine, provider_id: str, status: str, *,
+                              actor: str = "operator") -> Provider:
     """Suspend, withdraw (清退) or reactivate a provider. A withdrawn provider stays withdrawn."""
     if status not in PROVIDER_STATUSES:
         raise RegistryError(f"provider status must be one of {', '.join(PROVIDER_STATUSES)}")
@@ -132,6 +137,7 @@ async def set_provider_status(engine: AsyncEngine, provider_id: str, status: str
             raise RegistryError(f"provider {provider_id} is withdrawn and cannot be reactivated")
         await conn.execute(update(providers).where(providers.c.provider_id == provider_id)
                            .values(status=status, updated_at=datetime.now(UTC)))
+        await conn.run_sync(append_audit, actor, "provider.status", provider_id, {"from": p.status, "to": status})
     return Provider(p.provider_id, p.name, p.programs, p.service_categories, status, p.settle_account, p.district)
 
 
@@ -150,7 +156,7 @@ async def list_providers(engine: AsyncEngine, status: str | None = None) -> list
 
 async def register_terminal(engine: AsyncEngine, terminal_id: str, provider_id: str, psam_serial: str,
                             install_date: date, *, address: str = "", sm2_public_key: str = "",
-                            tmk_kcv: str = "") -> Terminal:
+                            tmk_kcv: str = "", actor: str = "operator") -> Terminal:
     """Bind a terminal to a provider (active). Re-registering an existing terminal id is refused."""
     if not TERMINAL_ID_RE.match(terminal_id):
         raise RegistryError("terminal id must be 8 characters 0-9A-Z")
@@ -176,10 +182,12 @@ async def register_terminal(engine: AsyncEngine, terminal_id: str, provider_id: 
             terminal_id=terminal_id, provider_id=provider_id, psam_serial=psam_serial, install_date=install_date,
             address=address, status="active", sm2_public_key=sm2_public_key, tmk_kcv=tmk_kcv, created_at=now,
             updated_at=now))
+        await conn.run_sync(append_audit, actor, "terminal.register", terminal_id,
+                            {"provider_id": provider_id, "psam_serial": psam_serial, "tmk_kcv": tmk_kcv})
     return Terminal(terminal_id, provider_id, psam_serial, install_date, address, "active", sm2_public_key, tmk_kcv)
 
 
-async def set_terminal_status(engine: AsyncEngine, terminal_id: str, status: str) -> None:
+async def set_terminal_status(engine: AsyncEngine, terminal_id: str, status: str, *, actor: str = "operator") -> None:
     if status not in TERMINAL_STATUSES:
         raise RegistryError(f"terminal status must be one of {', '.join(TERMINAL_STATUSES)}")
     async with write_transaction(engine) as conn:
@@ -187,6 +195,7 @@ async def set_terminal_status(engine: AsyncEngine, terminal_id: str, status: str
                                  .values(status=status, updated_at=datetime.now(UTC)))
         if res.rowcount == 0:
             raise RegistryError(f"unknown terminal {terminal_id}")
+        await conn.run_sync(append_audit, actor, "terminal.status", terminal_id, {"to": status})
 
 
 async def get_terminal(conn: AsyncConnection, terminal_id: str) -> Terminal | None:

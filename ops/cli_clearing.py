@@ -42,6 +42,7 @@ clearing_app.add_typer(terminal_app, name="terminal")
 
 DbOpt = typer.Option(None, "--db", help="Database URL (sqlite+aiosqlite:///FILE or postgresql+asyncpg://…).")
 JsonOpt = typer.Option(False, "--json", help="Print one JSON document.")
+UserOpt = typer.Option(os.environ.get("USER", "operator"), "--user", help="Who does this (written to the audit log).")
 
 
 def register(app: typer.Typer) -> None:
@@ -155,7 +156,7 @@ def provider_add(provider_id: str = typer.Option(..., "--id", help="15 character
                  categories: str = typer.Option(..., "--categories", help="Service categories, comma list."),
                  settle_account: str = typer.Option(..., "--settle-account", help="Bank account paid at settlement."),
                  district: str = typer.Option("", "--district", help="6-digit district code."),
-                 db: str = DbOpt, as_json: bool = JsonOpt) -> None:
+                 db: str = DbOpt, as_json: bool = JsonOpt, user: str = UserOpt) -> None:
     """Register a provider (active) with the programs and service categories it may accept.
 
     Example: carepay clearing provider add --id P00000000000001 --name 幸福驿站 --programs voucher
@@ -163,7 +164,8 @@ def provider_add(provider_id: str = typer.Option(..., "--id", help="15 character
     """
     from clearing.registry import add_provider
 
-    p = _run(db, lambda e: add_provider(e, provider_id, name, programs, categories, settle_account, district))
+    p = _run(db, lambda e: add_provider(e, provider_id, name, programs, categories, settle_account, district,
+                                           actor=user))
     _print(_provider_dict(p), as_json, f"provider {p.provider_id} registered ({','.join(p.programs)})")
 
 
@@ -180,38 +182,38 @@ def provider_list(status: str = typer.Option(None, "--status"), db: str = DbOpt,
                                     for r in rows) or "no providers")
 
 
-def _provider_status(provider_id: str, status: str, db: str | None, as_json: bool) -> None:
+def _provider_status(provider_id: str, status: str, db: str | None, as_json: bool, user: str) -> None:
     from clearing.registry import set_provider_status
 
-    p = _run(db, lambda e: set_provider_status(e, provider_id, status))
+    p = _run(db, lambda e: set_provider_status(e, provider_id, status, actor=user))
     _print(_provider_dict(p), as_json, f"provider {p.provider_id} is {p.status}")
 
 
 @provider_app.command("suspend")
-def provider_suspend(provider_id: str, db: str = DbOpt, as_json: bool = JsonOpt) -> None:
+def provider_suspend(provider_id: str, db: str = DbOpt, as_json: bool = JsonOpt, user: str = UserOpt) -> None:
     """Suspend a provider: its purchases are declined 58 until it is activated again.
 
     Example: carepay clearing provider suspend P00000000000001
     """
-    _provider_status(provider_id, "suspended", db, as_json)
+    _provider_status(provider_id, "suspended", db, as_json, user)
 
 
 @provider_app.command("withdraw")
-def provider_withdraw(provider_id: str, db: str = DbOpt, as_json: bool = JsonOpt) -> None:
+def provider_withdraw(provider_id: str, db: str = DbOpt, as_json: bool = JsonOpt, user: str = UserOpt) -> None:
     """Withdraw (清退) a provider for good: declined 58 from now on.
 
     Example: carepay clearing provider withdraw P00000000000001
     """
-    _provider_status(provider_id, "withdrawn", db, as_json)
+    _provider_status(provider_id, "withdrawn", db, as_json, user)
 
 
 @provider_app.command("activate")
-def provider_activate(provider_id: str, db: str = DbOpt, as_json: bool = JsonOpt) -> None:
+def provider_activate(provider_id: str, db: str = DbOpt, as_json: bool = JsonOpt, user: str = UserOpt) -> None:
     """Activate a suspended provider again.
 
     Example: carepay clearing provider activate P00000000000001
     """
-    _provider_status(provider_id, "active", db, as_json)
+    _provider_status(provider_id, "active", db, as_json, user)
 
 
 # --- terminals -----------------------------------------------------------------------------------------
@@ -231,7 +233,7 @@ def terminal_register(terminal_id: str = typer.Option(..., "--id", help="8 chara
                       address: str = typer.Option("", "--address"),
                       sm2_public_key: str = typer.Option("", "--sm2-public-key", help="64-byte X‖Y hex."),
                       tmk_kcv: str = typer.Option("", "--tmk-kcv", help="TMK check value (6 hex)."),
-                      db: str = DbOpt, as_json: bool = JsonOpt) -> None:
+                      db: str = DbOpt, as_json: bool = JsonOpt, user: str = UserOpt) -> None:
     """Bind a terminal to a provider, with its PSAM serial and install date.
 
     Example: carepay clearing terminal register --id T0000001 --provider P00000000000001 --psam PSAM0001
@@ -241,7 +243,7 @@ def terminal_register(terminal_id: str = typer.Option(..., "--id", help="8 chara
 
     d = _date(install_date, "--install-date")
     t = _run(db, lambda e: register_terminal(e, terminal_id, provider_id, psam, d, address=address,
-                                             sm2_public_key=sm2_public_key, tmk_kcv=tmk_kcv))
+                                             sm2_public_key=sm2_public_key, tmk_kcv=tmk_kcv, actor=user))
     _print(_terminal_dict(t), as_json, f"terminal {t.terminal_id} registered to {t.provider_id}")
 
 
@@ -283,14 +285,14 @@ def terminal_export(out: Path = typer.Option(..., "--out", help="CSV file to wri
 
 @recharge_app.command("import")
 def recharge_import(file: Path = typer.Argument(..., help="Recharge CSV from civil affairs."), db: str = DbOpt,
-                    as_json: bool = JsonOpt) -> None:
+                    as_json: bool = JsonOpt, user: str = UserOpt) -> None:
     """Import a recharge file: all or nothing, once per batch id; every bad line is reported (exit 2).
 
     Example: carepay recharge import recharge-202603.csv --json
     """
     from clearing.recharge import import_recharge
 
-    report = _run(db, lambda e: import_recharge(e, file))
+    report = _run(db, lambda e: import_recharge(e, file, actor=user))
     d = report.to_dict()
     if as_json:
         _print(d, True, "")
@@ -307,7 +309,7 @@ def recharge_import(file: Path = typer.Argument(..., help="Recharge CSV from civ
 
 @recharge_app.command("expire")
 def recharge_expire(as_of: str = typer.Option(..., "--as-of", help="YYYY-MM-DD: lots expiring before it."),
-                    db: str = DbOpt, as_json: bool = JsonOpt) -> None:
+                    db: str = DbOpt, as_json: bool = JsonOpt, user: str = UserOpt) -> None:
     """Sweep expired voucher money to the expired account (idempotent).
 
     Example: carepay recharge expire --as-of 2026-04-01
@@ -315,19 +317,20 @@ def recharge_expire(as_of: str = typer.Option(..., "--as-of", help="YYYY-MM-DD: 
     from clearing.recharge import expire_vouchers
 
     d = _date(as_of, "--as-of")
-    out = _run(db, lambda e: expire_vouchers(e, d))
+    out = _run(db, lambda e: expire_vouchers(e, d, actor=user))
     _print(out, as_json, f"{out['cards']} card(s), {out['expired_fen'] / 100:.2f} yuan expired")
 
 
 @recharge_app.command("rollover")
-def recharge_rollover(year: int = typer.Option(..., "--year"), db: str = DbOpt, as_json: bool = JsonOpt) -> None:
+def recharge_rollover(year: int = typer.Option(..., "--year"), db: str = DbOpt, as_json: bool = JsonOpt,
+                      user: str = UserOpt) -> None:
     """Year-end rollover (结转): unspent vouchers move to the restricted account (idempotent per year).
 
     Example: carepay recharge rollover --year 2026
     """
     from clearing.recharge import rollover_year_end
 
-    out = _run(db, lambda e: rollover_year_end(e, year))
+    out = _run(db, lambda e: rollover_year_end(e, year, actor=user))
     _print(out, as_json, f"{out['cards']} card(s), {out['moved_fen'] / 100:.2f} yuan rolled over"
            + (" (already done)" if out.get("already_done") else ""))
 
@@ -341,9 +344,6 @@ def _card_dict(c: Any) -> dict[str, Any]:
     return {"card_no": mask_card_no(c.card_no), "id_no": mask_id_no(c.id_no), "status": c.status,
             "valid_until": c.valid_until.isoformat(), "programs": list(c.programs), "district": c.district,
             "replaced_by": mask_card_no(c.replaced_by) if c.replaced_by else None}
-
-
-UserOpt = typer.Option(os.environ.get("USER", "operator"), "--user", help="Who does this (written to the audit log).")
 
 
 @card_app.command("register")

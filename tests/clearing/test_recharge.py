@@ -47,6 +47,15 @@ async def test_import_once_per_batch(world: World, tmp_path: Path) -> None:
     other = write(tmp_path / "r2.csv", [f"B202603,{b},{idb},voucher,99,202603,"])
     conflict = await import_recharge(world.engine, other)
     assert conflict.status == "rejected" and "different content" in conflict.rejects[0]["reason"]
+    # one audit entry for the import that moved money; none for the replay or the refused file
+    from sqlalchemy import select
+
+    from clearing.eod_schema import audit_log
+
+    async with world.engine.connect() as conn:
+        rows = (await conn.execute(select(audit_log.c.action, audit_log.c.subject, audit_log.c.actor)
+                                   .where(audit_log.c.action.like("recharge.%")))).all()
+    assert rows == [("recharge.import", "batch:B202603", "operator")]
 
 
 async def test_bad_file_rejected_whole_with_every_reason(world: World, tmp_path: Path) -> None:

@@ -57,6 +57,16 @@ async def test_provider_status_transitions(db: AsyncEngine) -> None:
     assert [p.status for p in await list_providers(db, "withdrawn")] == ["withdrawn"]
     with pytest.raises(RegistryError, match="withdrawn"):
         await register_terminal(db, "T0000009", PID, "PSAM0009", date(2026, 1, 1))
+    # each change is in the audit log with who did it; refused changes are not
+    from sqlalchemy import select
+
+    from clearing.eod_schema import audit_log
+
+    async with db.connect() as conn:
+        rows = (await conn.execute(select(audit_log.c.action, audit_log.c.subject, audit_log.c.details)
+                                   .order_by(audit_log.c.seq))).all()
+    assert [(a, s) for a, s, _ in rows] == [("provider.add", PID)] + [("provider.status", PID)] * 3
+    assert [json.loads(d)["to"] for a, _, d in rows[1:]] == ["suspended", "active", "withdrawn"]
 
 
 async def test_terminal_registry_and_install_export(db: AsyncEngine) -> None:
