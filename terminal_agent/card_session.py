@@ -542,6 +542,8 @@ class CardSession:
             if sw == SW_OK and data == record:
                 return
         cached, self._ext_challenge = self._ext_challenge, None
+        if resume:  # a log read came after the cached challenge: a real card may have dropped it
+            cached = None
         for challenge in (cached, None) if cached is not None else (None,):
             if challenge is None:
                 challenge = self._challenge(EXTERNAL_AUTH_CHALLENGE_BYTES, "EXTERNAL AUTHENTICATE")
