@@ -187,7 +187,7 @@ async def _serve(db_url: str, mqtt_url: str | None, workers: int, metrics_port: 
             worker = await stack.enter_async_context(clearing_runtime(
                 engine, url, issuer_keys=keys.issuer_keys, key_source=key_source, wkm=keys.wkm,
                 config=ClearingConfig.from_settings(settings.clearing), embedded=embedded,
-                max_age_s=max_age_s, name=f"w{worker_index}"))
+                max_age_s=max_age_s, name=f"w{worker_index}", service_process=True))
             if worker_index == 0:
                 for i in range(1, workers):
                     args = [sys.executable, "-m", "ops.cli", "clearing", "serve", "--db", db_url, "--mqtt", url,
