@@ -55,11 +55,13 @@ def render_test_conf(port: int) -> str:
     return "\n".join([*lines, f"listener {port} 127.0.0.1", ""])
 
 
-def render_hardened_conf(port: int, password_file: Path, acl_file: Path) -> str:
+def render_hardened_conf(port: int, password_file: Path, acl_file: Path,
+                         tls: tuple[Path, Path, Path] | None = None) -> str:
     """The production configuration's security settings (no anonymous, password file, ACL) on loopback ``port``.
 
-    TLS and persistence lines are dropped (no certificates in tests); everything about who may
-    log in and what they may touch is kept verbatim.
+    Persistence lines are dropped; everything about who may log in and what they may touch is kept
+    verbatim. ``tls``: ``(certfile, keyfile, cafile)`` — the listener then speaks TLS with the
+    production file's TLS settings and these certificates; without it the listener is plain.
     """
     out: list[str] = []
     skip_prefixes = ("listener", "certfile", "keyfile", "cafile", "tls_version", "protocol", "persistence",
@@ -72,8 +74,27 @@ def render_hardened_conf(port: int, password_file: Path, acl_file: Path) -> str:
             out.append(f"acl_file {acl_file}")
         elif not s.startswith(skip_prefixes):
             out.append(ln)
-    out += ["persistence false", "log_dest stderr", f"listener {port} 127.0.0.1", ""]
-    return "\n".join(out)
+    out += ["persistence false", "log_dest stderr", f"listener {port} 127.0.0.1"]
+    if tls is not None:
+        certfile, keyfile, cafile = tls
+        versions = [ln.strip() for ln in PROD_CONF.read_text().splitlines() if ln.strip().startswith("tls_version")]
+        out += [f"certfile {certfile}", f"keyfile {keyfile}", f"cafile {cafile}", *versions]
+    return "\n".join([*out, ""])
+
+
+def write_credentials(workdir: Path, users: dict[str, str]) -> tuple[Path, Path]:
+    """A mosquitto password file for ``users`` (made by ``mosquitto_passwd``) and a copy of the shipped ACL in
+    ``workdir``: ``(password_file, acl_file)``. MosquittoUnavailable when ``mosquitto_passwd`` is missing."""
+    exe = shutil.which("mosquitto_passwd") or "/usr/bin/mosquitto_passwd"
+    if not Path(exe).exists():
+        raise MosquittoUnavailable("mosquitto_passwd not installed")
+    pw = Path(workdir) / "passwd"
+    pw.touch()
+    for user, password in users.items():
+        subprocess.run([exe, "-b", str(pw), user, password], check=True, capture_output=True)
+    acl = Path(workdir) / "acl"
+    acl.write_text(ACL_FILE.read_text())
+    return pw, acl
 
 
 class MosquittoProcess:

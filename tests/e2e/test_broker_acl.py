@@ -8,13 +8,18 @@ A second mosquitto starts on a free port with the security lines of
 from __future__ import annotations
 
 import asyncio
-import shutil
 from pathlib import Path
 
 import aiomqtt
 import pytest
 
-from ops.mosquitto_proc import ACL_FILE, MosquittoProcess, render_hardened_conf
+from ops.mosquitto_proc import (
+    MosquittoProcess,
+    MosquittoUnavailable,
+    free_port,
+    render_hardened_conf,
+    write_credentials,
+)
 from protocol.messages import SHARED_UP_TOPIC, down_topic, up_topic
 from protocol.transport import make_client
 
@@ -25,19 +30,10 @@ USERS = {"T0000001": "pw-t1", "T0000002": "pw-t2", "clearing": "pw-clearing"}
 
 @pytest.fixture
 def hardened_broker(tmp_path: Path):
-    exe = shutil.which("mosquitto_passwd") or "/usr/bin/mosquitto_passwd"
-    if not Path(exe).exists():
-        pytest.skip("mosquitto_passwd not installed")
-    import subprocess
-
-    pw = tmp_path / "passwd"
-    pw.touch()
-    for user, password in USERS.items():
-        subprocess.run([exe, "-b", str(pw), user, password], check=True, capture_output=True)
-    acl = tmp_path / "acl"
-    acl.write_text(ACL_FILE.read_text())
-    from ops.mosquitto_proc import free_port
-
+    try:
+        pw, acl = write_credentials(tmp_path, USERS)
+    except MosquittoUnavailable as exc:
+        pytest.skip(str(exc))
     port = free_port()
     with MosquittoProcess(tmp_path, render_hardened_conf(port, pw, acl), port=port) as m:
         yield m
