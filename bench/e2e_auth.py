@@ -54,6 +54,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
+from ops.cli_serve import stop_processes  # noqa: E402
 from ops.mosquitto_proc import MosquittoProcess  # noqa: E402
 from protocol.messages import SHARED_UP_TOPIC, Message, MessageError, down_topic, parse_message, up_topic  # noqa: E402
 from protocol.transport import LeanMqttConnection, LeanMqttError, client_id, make_client, publish_nowait  # noqa: E402
@@ -373,16 +374,6 @@ def wait_ready(proc: subprocess.Popen[str], what: str, timeout_s: float = 60.0) 
     raise RuntimeError(f"{what} not ready within {timeout_s} s")
 
 
-def stop(procs: list[subprocess.Popen[str]]) -> None:
-    for p in procs:
-        p.terminate()
-    for p in procs:
-        try:
-            p.wait(10)
-        except subprocess.TimeoutExpired:
-            p.kill()
-
-
 WARM_UP_S = 0.5
 WARM_UP_TERMINALS: int | None = None
 """Terminals in the warm-up (None: all, so every terminal's keys are loaded before the clock starts)."""
@@ -409,7 +400,7 @@ async def run_echo(url: str, terminal_ids: list[str], make: Callable[[str], Prep
         closed.failed += bad
         return closed, opened
     finally:
-        stop(procs)
+        stop_processes(procs)
 
 
 # --- table and JSON ---------------------------------------------------------------------------------
@@ -603,7 +594,7 @@ async def run_bench(args: argparse.Namespace) -> int:
             try:
                 agents = await sign_on_all(url, world, args.links)
             finally:
-                stop([clearing])  # the echo baseline runs on the same topics: clearing must not see it
+                stop_processes([clearing])  # the echo baseline runs on the same topics: clearing must not see it
             per_terminal = int((args.rate * duration_s + PREPARED_PER_S_CLOSED * closed_s + 1000 * WARM_UP_S)
                                / n_terms) + 20
             print(f"card sessions for {per_terminal * n_terms} purchases (in-process card + PSAM) …", flush=True)
@@ -632,7 +623,7 @@ async def run_bench(args: argparse.Namespace) -> int:
                                                         closed_s=closed_s, rate=args.rate, links=args.links,
                                                         sut_pid=clearing.pid, broker_pid=broker.pid)
             finally:
-                stop([clearing])
+                stop_processes([clearing])
             rows += [auth_closed, auth_open]
             from clearing.db import make_engine
             from clearing.invariants import check_invariants

@@ -34,6 +34,17 @@ DEMO_PROVIDER_ID = "P110105DEMO0001"
 DEMO_TERMINAL_ID = "T0000001"
 
 
+def stop_processes(procs: list[subprocess.Popen[Any]], timeout_s: float = 10) -> None:
+    """Ask every process to stop (SIGTERM), then wait for each; kill one that has not stopped in ``timeout_s``."""
+    for p in procs:
+        p.terminate()
+    for p in procs:
+        try:
+            p.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            p.kill()
+
+
 def _port_open(host: str, port: int) -> bool:
     import socket
 
@@ -219,13 +230,7 @@ async def _serve(db_url: str, mqtt_url: str | None, workers: int, metrics_port: 
             _ = worker
             await stop.wait()
     finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop_processes(procs)
         await engine.dispose()
         if keys.store is not None:
             keys.store.close()

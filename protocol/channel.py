@@ -98,6 +98,11 @@ def transmit_many(channel: CardChannel, apdus: Sequence[bytes]) -> list[bytes]:
     many = getattr(channel, "transmit_many", None)
     if many is not None:
         return list(many(list(apdus)))
+    return transmit_each(channel, apdus)
+
+
+def transmit_each(channel: CardChannel, apdus: Sequence[bytes]) -> list[bytes]:
+    """:func:`transmit_many` one command per exchange (for channels, or readers, without a batch)."""
     out: list[bytes] = []
     for apdu in apdus:
         try:

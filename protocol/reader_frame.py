@@ -330,42 +330,54 @@ def batch_answer_bound(apdus: list[bytes]) -> int:
     return sum(BATCH_ANSWER_HEAD_BYTES + _expected_answer_bytes(a) for a in apdus)
 
 
+def _batch_problem(apdus: list[bytes]) -> str | None:
+    """Why ``apdus`` cannot go as one CMD_APDU_BATCH (item count, request size, worst-case answer size), or None."""
+    if not 1 <= len(apdus) <= MAX_BATCH_ITEMS:
+        return f"an APDU batch holds 1..{MAX_BATCH_ITEMS} commands, not {len(apdus)}"
+    size = sum(BATCH_ITEM_HEAD_BYTES + len(a) for a in apdus)
+    if size > MAX_DATA_BYTES:
+        return f"APDU batch of {size} bytes exceeds MAX_DATA_BYTES={MAX_DATA_BYTES}"
+    if batch_answer_bound(apdus) > MAX_DATA_BYTES:
+        return "the answers of this APDU batch might not fit one frame"
+    return None
+
+
 def batch_fits(apdus: list[bytes]) -> bool:
     """True when ``apdus`` can go as one CMD_APDU_BATCH (item count, request size, worst-case answer size)."""
-    return (1 <= len(apdus) <= MAX_BATCH_ITEMS
-            and sum(BATCH_ITEM_HEAD_BYTES + len(a) for a in apdus) <= MAX_DATA_BYTES
-            and batch_answer_bound(apdus) <= MAX_DATA_BYTES)
+    return _batch_problem(apdus) is None
 
 
 def batch_request(apdus: list[bytes]) -> bytes:
     """The data of a CMD_APDU_BATCH request; FrameError when the batch cannot be one frame."""
-    if not 1 <= len(apdus) <= MAX_BATCH_ITEMS:
-        raise FrameError(f"an APDU batch holds 1..{MAX_BATCH_ITEMS} commands, not {len(apdus)}")
-    out = bytearray()
-    for a in apdus:  # an empty item is a power on
-        out += len(a).to_bytes(2, "big") + a
-    if len(out) > MAX_DATA_BYTES:
-        raise FrameError(f"APDU batch of {len(out)} bytes exceeds MAX_DATA_BYTES={MAX_DATA_BYTES}")
-    if batch_answer_bound(apdus) > MAX_DATA_BYTES:
-        raise FrameError("the answers of this APDU batch might not fit one frame")
-    return bytes(out)
+    problem = _batch_problem(apdus)
+    if problem is not None:
+        raise FrameError(problem)
+    return b"".join(len(a).to_bytes(2, "big") + a for a in apdus)  # an empty item is a power on
+
+
+def _items(data: bytes, head: int, what: str) -> list[tuple[int, bytes]]:
+    """Cut ``data`` into at most MAX_BATCH_ITEMS items of ``[STATUS(1)] ‖ LEN(2) ‖ body`` (``head`` = 3 or 2):
+    ``(status or 0, body)`` each; FrameError when an item is cut short or there are too many."""
+    items: list[tuple[int, bytes]] = []
+    i, n = 0, len(data)
+    while i < n:
+        if n - i < head:
+            raise FrameError(f"{what} truncated")
+        ln = (data[i + head - 2] << 8) | data[i + head - 1]
+        status = data[i] if head == BATCH_ANSWER_HEAD_BYTES else 0
+        i += head
+        if i + ln > n:
+            raise FrameError(f"{what} length disagrees with the data")
+        items.append((status, bytes(data[i:i + ln])))
+        i += ln
+        if len(items) > MAX_BATCH_ITEMS:
+            raise FrameError(f"{what}s: at most {MAX_BATCH_ITEMS}")
+    return items
 
 
 def parse_batch_request(data: bytes) -> list[bytes]:
     """The APDUs of a CMD_APDU_BATCH request; FrameError on a malformed or over-large batch."""
-    items: list[bytes] = []
-    i, n = 0, len(data)
-    while i < n:
-        if n - i < BATCH_ITEM_HEAD_BYTES:
-            raise FrameError("APDU batch item length truncated")
-        ln = (data[i] << 8) | data[i + 1]
-        i += BATCH_ITEM_HEAD_BYTES
-        if i + ln > n:
-            raise FrameError("APDU batch item length disagrees with the data")
-        items.append(bytes(data[i:i + ln]))
-        i += ln
-        if len(items) > MAX_BATCH_ITEMS:
-            raise FrameError(f"an APDU batch holds at most {MAX_BATCH_ITEMS} commands")
+    items = [body for _, body in _items(data, BATCH_ITEM_HEAD_BYTES, "APDU batch item")]
     if not items:
         raise FrameError("empty APDU batch")
     if batch_answer_bound(items) > MAX_DATA_BYTES:
@@ -375,25 +387,9 @@ def parse_batch_request(data: bytes) -> list[bytes]:
 
 def batch_answer(items: list[tuple[int, bytes]]) -> bytes:
     """The data of a CMD_APDU_BATCH answer from ``(status, response APDU)`` per item run."""
-    out = bytearray()
-    for status, rsp in items:
-        out += bytes([status]) + len(rsp).to_bytes(2, "big") + rsp
-    return bytes(out)
+    return b"".join(bytes([status]) + len(rsp).to_bytes(2, "big") + rsp for status, rsp in items)
 
 
 def parse_batch_answer(data: bytes) -> list[tuple[int, bytes]]:
     """``(status, response APDU)`` per item the reader ran; FrameError when malformed."""
-    items: list[tuple[int, bytes]] = []
-    i, n = 0, len(data)
-    while i < n:
-        if n - i < BATCH_ANSWER_HEAD_BYTES:
-            raise FrameError("APDU batch answer item truncated")
-        status, ln = data[i], (data[i + 1] << 8) | data[i + 2]
-        i += BATCH_ANSWER_HEAD_BYTES
-        if i + ln > n:
-            raise FrameError("APDU batch answer length disagrees with the data")
-        items.append((status, bytes(data[i:i + ln])))
-        i += ln
-        if len(items) > MAX_BATCH_ITEMS:
-            raise FrameError(f"an APDU batch answer holds at most {MAX_BATCH_ITEMS} items")
-    return items
+    return _items(data, BATCH_ANSWER_HEAD_BYTES, "APDU batch answer item")

@@ -29,6 +29,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import select
 import threading
@@ -46,6 +47,7 @@ from protocol.channel import (
     ChannelError,
     ChannelTimeout,
     ReaderUnavailable,
+    transmit_each,
 )
 
 DEFAULT_BAUD = 115_200
@@ -130,51 +132,44 @@ class SerialChannel:
         ChannelError carries the answers of the items that ran before it.
         """
         out: list[bytes] = []
-        for group in self._groups(apdus):
+        rest = list(apdus)
+        while rest:
+            n, request = self._fit(rest) if self.reader.batching else (len(rest), None)
+            group, rest = rest[:n], rest[n:]
             try:
-                out += self._batch(group) if len(group) > 1 and self.reader.batching else \
-                    [self.transmit(a) if a else self.power_on() for a in group]
+                out += transmit_each(self, group) if request is None else self._batch(group, request)
             except ChannelError as exc:
                 exc.answers = tuple(out) + exc.answers
                 raise
         return out
 
     @staticmethod
-    def _groups(apdus: list[bytes]) -> list[list[bytes]]:
-        """Consecutive runs that fit one batch frame (item count, request and worst-case answer size)."""
-        if rf.batch_fits(apdus):
-            return [apdus]
-        groups: list[list[bytes]] = [[]]
-        for a in apdus:
-            trial = groups[-1] + [a]
-            if rf.batch_fits(trial):
-                groups[-1] = trial
-            else:
-                groups.append([a])
-        return [g for g in groups if g]
+    def _fit(apdus: list[bytes]) -> tuple[int, bytes | None]:
+        """How many leading commands go in one frame, with their batch request (None: a single command)."""
+        for n in range(min(len(apdus), rf.MAX_BATCH_ITEMS), 1, -1):
+            try:
+                return n, rf.batch_request(apdus[:n])
+            except rf.FrameError:  # too big for one frame: try fewer
+                continue
+        return 1, None
 
-    def _batch(self, group: list[bytes]) -> list[bytes]:
-        frame = self.reader.exchange(rf.CMD_APDU_BATCH, self.slot, rf.batch_request(group))
+    def _batch(self, group: list[bytes], request: bytes) -> list[bytes]:
+        frame = self.reader.exchange(rf.CMD_APDU_BATCH, self.slot, request)
         if frame.status == rf.STATUS_UNKNOWN_COMMAND:  # nothing ran: this reader has no batch command
             self.reader.batching = False
-            return [self.transmit(a) if a else self.power_on() for a in group]
+            return transmit_each(self, group)
         self._check(frame, "APDU batch")
         try:
-            items = rf.parse_batch_answer(frame.data)
+            items = rf.parse_batch_answer(frame.data)[: len(group)]
         except rf.FrameError as exc:
             raise ChannelError(f"{self.name} slot: malformed APDU batch answer ({exc})") from None
-        out: list[bytes] = []
-        for status, rsp in items[: len(group)]:
-            if status != rf.STATUS_OK:
-                err = self._error(status, "APDU batch item")
-                err.answers = tuple(out)
-                raise err
-            out.append(rsp)
-        if len(out) != len(group):
-            err = ChannelError(f"{self.name} slot: the reader ran {len(out)} of {len(group)} batched commands")
-            err.answers = tuple(out)
+        ran = [rsp for _, rsp in itertools.takewhile(lambda item: item[0] == rf.STATUS_OK, items)]
+        if len(ran) < len(group):
+            err = self._error(items[len(ran)][0], "APDU batch item") if len(ran) < len(items) else ChannelError(
+                f"{self.name} slot: the reader ran {len(ran)} of {len(group)} batched commands")
+            err.answers = tuple(ran)
             raise err
-        return out
+        return ran
 
     def card_present(self) -> bool:
         data = self._check(self.reader.exchange(rf.CMD_STATUS, self.slot, idempotent=True), "status")
