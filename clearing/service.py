@@ -15,7 +15,7 @@ for a bad or refused message — every outcome is an answer with a response code
 from __future__ import annotations
 
 import logging
-import os
+import random
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, time
@@ -80,8 +80,9 @@ class ClearingConfig:
 
 
 def _new_msg_id() -> str:
-    """32 random hex digits (the form of ``uuid4().hex``, without building a UUID object per answer)."""
-    return os.urandom(16).hex()
+    """32 random hex digits (the form of ``uuid4().hex``) for an answer's own id: unique, not a secret, so from
+    the ``random`` module (reseeded in every forked worker) rather than a ``getrandom`` system call per answer."""
+    return f"{random.getrandbits(128):032x}"
 
 
 class ClearingService:
@@ -186,8 +187,10 @@ class ClearingService:
         return self._answer(msg, outcome.row)
 
     def _answer(self, msg: Any, row: dict[str, Any]) -> TxnResult:
+        # Built without re-validation (``model_construct``): every value comes from a validated request or the
+        # journal row the writer just made, in the forms the model declares (~10 µs a message saved).
         bdate = row.get("business_date")
-        return TxnResult(type=RESULT_TYPE[msg.type], terminal_id=msg.terminal_id, msg_id=_new_msg_id(),
+        return TxnResult.model_construct(type=RESULT_TYPE[msg.type], terminal_id=msg.terminal_id, msg_id=_new_msg_id(),
                          sent_at=self.clock(), orig_msg_id=msg.msg_id, batch_no=row["batch_no"],
                          trace_no=row["trace_no"], response_code=row["response_code"], rrn=row["rrn"],
                          auth_code=row.get("auth_code") if row["response_code"] == RC.APPROVED else None,

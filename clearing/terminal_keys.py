@@ -29,7 +29,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from functools import lru_cache
-from typing import Protocol
+from typing import Any, Protocol
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -240,6 +240,16 @@ class WorkingKeys:
         tek = derive_working_key(self._wkm, "tek", terminal_id, version, salt)
         return version, tak, tek
 
+    async def preload(self) -> int:
+        """Read every signed-on terminal's keys in one query (at most ``MAX_CACHED_TERMINALS``): a worker that
+        starts under load then answers its first message from each terminal without a database read.
+        Returns how many terminals were loaded."""
+        async with self._engine.connect() as conn:
+            rows = (await conn.execute(sa.select(terminal_working_keys).limit(MAX_CACHED_TERMINALS))).mappings().all()
+        for row in rows:
+            self._cache[row["terminal_id"]] = self._entry(row)
+        return len(rows)
+
     async def _load(self, terminal_id: str) -> _Entry | None:
         async with self._engine.connect() as conn:
             row = (await conn.execute(
@@ -248,6 +258,14 @@ class WorkingKeys:
         if row is None:
             self._cache.pop(terminal_id, None)
             return None
+        entry = self._entry(row)
+        if len(self._cache) >= MAX_CACHED_TERMINALS:
+            self._cache.clear()
+        self._cache[terminal_id] = entry
+        return entry
+
+    def _entry(self, row: Any) -> _Entry:
+        terminal_id = row["terminal_id"]
         entry = _Entry(
             version=row["key_version"],
             tak=derive_working_key(self._wkm, "tak", terminal_id, row["key_version"], bytes.fromhex(row["salt_hex"])),
@@ -261,9 +279,6 @@ class WorkingKeys:
             if until is not None and until.tzinfo is None:  # SQLite returns naive UTC
                 until = until.replace(tzinfo=UTC)
             entry.prev_valid_until = until.timestamp() if until else 0.0
-        if len(self._cache) >= MAX_CACHED_TERMINALS:
-            self._cache.clear()
-        self._cache[terminal_id] = entry
         return entry
 
     async def candidates(self, terminal_id: str, refresh: bool = False) -> list[bytes]:

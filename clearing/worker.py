@@ -68,6 +68,7 @@ from protocol.messages import (
     down_topic,
     mac_hex,
     parse_message,
+    without_mac,
 )
 from protocol.transport import LeanMqttConnection, LeanMqttError, client_id, make_client, publish_nowait
 
@@ -318,8 +319,9 @@ class ClearingWorker:
         if not isinstance(payload, (bytes, bytearray)):
             self._refuse("malformed")
             return None, None
+        payload = bytes(payload)
         try:
-            msg = parse_message(bytes(payload))
+            msg = parse_message(payload)
         except MessageError:
             self._refuse("malformed")
             return None, None
@@ -340,7 +342,7 @@ class ClearingWorker:
             self._refuse("type")
             return None, None
 
-        key = await self._verify_mac(msg)
+        key = await self._verify_mac(msg, payload)
         if key is None:
             self.stats.mac_failures += 1
             metrics.MAC_FAILURES.labels(type=msg.type).inc()
@@ -373,17 +375,24 @@ class ClearingWorker:
             self._answers.popitem(last=False)
         return answer, key
 
-    async def _verify_mac(self, msg: Message) -> bytes | None:
+    async def _verify_mac(self, msg: Message, payload: bytes) -> bytes | None:
         """The TAK whose MAC ``msg`` carries (current, previous in its grace, then both re-read), or None.
 
-        The canonical bytes (:meth:`Message.canonical_bytes`) are made once per message, not once per key tried.
+        The MAC is checked over the payload's own bytes first (:func:`protocol.messages.without_mac`: the
+        form every sender of ours writes, nothing re-serialised), then over the message's canonical bytes
+        (:meth:`Message.canonical_bytes`, made at most once per message) for a sender that laid it out otherwise.
         """
         if len(msg.mac) != 2 * MESSAGE_MAC_BYTES:
             return None
-        canonical = msg.canonical_bytes()
+        sent = without_mac(payload, msg.mac)
+        canonical: bytes | None = None
         for refresh in (False, True):
             for key in await self._keys.candidates(msg.terminal_id, refresh=refresh):
-                if hmac.compare_digest(mac_hex(key, canonical), msg.mac):
+                if sent is not None and hmac.compare_digest(mac_hex(key, sent), msg.mac):
+                    return key
+                if canonical is None:
+                    canonical = msg.canonical_bytes()
+                if canonical != sent and hmac.compare_digest(mac_hex(key, canonical), msg.mac):
                     return key
         return None
 
@@ -405,6 +414,7 @@ async def clearing_runtime(engine: AsyncEngine, url: str, *, issuer_keys: Any, k
     service = ClearingService(engine, issuer_keys, config)
     async with service:
         working = WorkingKeys(engine, wkm, grace_s=grace_s)
+        log.info("working keys of %d terminals loaded", await working.preload())
         worker = ClearingWorker(url, service, working, SignOnService(key_source, working, wkm, engine),
                                 max_age_s=max_age_s, embedded=embedded, name=name)
         task = asyncio.create_task(worker.run(), name=f"clearing-worker-{name}")

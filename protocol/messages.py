@@ -135,6 +135,32 @@ def with_mac(canonical: bytes, mac: str) -> bytes:
     return canonical[:-1] + b',"mac":"' + mac.encode("ascii") + b'"}'
 
 
+_MAC_MEMBER = b',"mac":"'
+
+
+def without_mac(payload: bytes, mac: str) -> bytes | None:
+    """The bytes a :func:`with_mac` payload was MAC'd over — its ``mac`` member cut off the end — or None
+    when ``payload`` does not end with that member. The inverse of :func:`with_mac`.
+
+    A receiver checks the MAC over these exact bytes first: no re-serialisation, and what it verified is
+    what it parsed. A sender that laid its object out otherwise is checked over the canonical form instead.
+
+    >>> without_mac(b'{"a":1,"mac":"00FF"}', "00FF")
+    b'{"a":1}'
+    >>> without_mac(b'{"mac":"00FF","a":1}', "00FF") is None
+    True
+    """
+    tail = mac.encode("ascii") + b'"}'
+    if not payload.endswith(tail):
+        return None
+    head = payload[:len(payload) - len(tail)]
+    if head.endswith(_MAC_MEMBER) and len(head) > len(_MAC_MEMBER):
+        return head[:-len(_MAC_MEMBER)] + b"}"
+    if head == b'{"mac":"':
+        return b"{}"
+    return None
+
+
 TerminalId = Annotated[str, Field(pattern=r"^[0-9A-Z]{8}$")]
 ProviderId = Annotated[str, Field(pattern=r"^[0-9A-Z]{15}$")]
 BatchNo = Annotated[str, Field(pattern=r"^\d{6}$")]

@@ -105,6 +105,13 @@ async def test_working_keys_rotate_with_grace_and_are_shared_through_the_databas
         row = (await conn.execute(sa.text("SELECT * FROM terminal_working_keys"))).mappings().one()
     assert tak2.hex() not in json.dumps({k: str(v) for k, v in row.items()}).lower()  # no key in the database
     assert derive_working_key(wkm, "tak", "T0000001", 2, bytes.fromhex(row["salt_hex"])) == tak2
+    _, tak9, _ = await w1.rotate("T0000009", "N9")
+    w3 = WorkingKeys(engine, wkm)  # a worker starting up: every terminal's keys in one read
+    assert await w3.preload() == 2
+    async with engine.begin() as conn:  # answered from what preload read, not from the table
+        await conn.execute(sa.text("DELETE FROM terminal_working_keys"))
+    assert await w3.candidates("T0000001") == [tak2, tak1] and await w3.candidates("T0000009") == [tak9]
+    assert await w3.candidates("T0000009", refresh=True) == []
     await engine.dispose()
 
 

@@ -79,3 +79,70 @@ def test_a_purchase_without_keys_gets_a0_and_never_reaches_the_service() -> None
     answer, _ = asyncio.run(worker._answer(TOPIC, p.to_json()))
     assert answer is not None and answer.response_code == RC.MAC_ERROR and answer.orig_msg_id == p.msg_id
     assert worker.stats.mac_failures == 1
+
+
+class OneKey:
+    """A signed-on terminal: one working key."""
+
+    def __init__(self, key: bytes) -> None:
+        self.key = key
+
+    async def candidates(self, terminal_id: str, refresh: bool = False) -> list[bytes]:
+        return [self.key]
+
+    async def current(self, terminal_id: str) -> bytes | None:
+        return self.key
+
+
+class Records:
+    def __init__(self) -> None:
+        self.seen: list[object] = []
+
+    async def handle(self, msg: object) -> None:
+        self.seen.append(msg)
+
+
+def _purchase(amount: int = 100) -> Purchase:
+    from protocol.messages import CardProof
+
+    return Purchase(terminal_id="T0000001", msg_id=uuid.uuid4().hex, sent_at=now_utc(), provider_id="P110105V0000001",
+                    batch_no="000001", trace_no="000001", program="voucher", service_category="meal",
+                    amount_fen=amount, card=CardProof(card_no="6218880000000000015", app_serial="0001000000000001",
+                                                      key_version=1, atc=1, ttn=1, txn_date="20260301",
+                                                      txn_time="100000", tac="00000000"))
+
+
+def test_the_mac_is_checked_over_the_sent_bytes_or_the_canonical_form_whatever_the_layout() -> None:
+    """Our senders' form (canonical JSON + ``mac`` last) is checked over its own bytes; any other layout of a
+    correctly MAC'd message (fields in model order, ``mac`` in the middle, spaces) over its canonical form."""
+    tak = bytes(range(16))
+    p = _purchase()
+    signed = p.signed(tak)
+    layouts = {
+        "ours": p.signed_json(tak),
+        "model order": signed.to_json(),
+        "mac first, spaced": json.dumps({"mac": signed.mac, **json.loads(p.canonical_bytes())}, indent=1).encode(),
+        "mac last, unsorted": json.dumps({**json.loads(signed.to_json())}).encode(),
+    }
+    for name, wire in layouts.items():
+        service = Records()
+        worker = ClearingWorker("mqtt://127.0.0.1:1", service, OneKey(tak), None)  # type: ignore[arg-type]
+        asyncio.run(worker._answer(TOPIC, wire))
+        assert [m.msg_id for m in service.seen] == [p.msg_id], name  # type: ignore[attr-defined]
+        assert worker.stats.mac_failures == 0, name
+
+
+def test_a_changed_byte_before_the_mac_member_is_a_mac_error() -> None:
+    tak = bytes(range(16))
+    p = _purchase(100)
+    wire = p.signed_json(tak)
+    forged = wire.replace(b'"amount_fen":100,', b'"amount_fen":900,')
+    assert forged != wire
+    wrong_mac = wire[:-3] + (b'1"}' if wire[-3:] != b'1"}' else b'2"}')
+    for bad in (forged, wrong_mac):
+        service = Records()
+        worker = ClearingWorker("mqtt://127.0.0.1:1", service, OneKey(tak), None)  # type: ignore[arg-type]
+        answer, _ = asyncio.run(worker._answer(TOPIC, bad))
+        assert service.seen == []
+        if answer is not None:  # a payload that still parses: answered A0
+            assert answer.response_code == RC.MAC_ERROR and worker.stats.mac_failures == 1
