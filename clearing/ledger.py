@@ -87,9 +87,9 @@ GROUP_COMMIT_IDLE_GAP_S = 0.0005
 BATCH_RETRIES = 5
 """Attempts for a batch that hit a unique-key race or deadlock with another worker (PostgreSQL)."""
 SQL_IN_CHUNK = 500
+"""Keys per ``IN (…)`` list when loading."""
 RAW_SQLITE_BATCH = True
 """On SQLite, run each whole batch on the raw connection inside the aiosqlite thread (one thread hop)."""
-"""Keys per ``IN (…)`` list when loading."""
 
 PURCHASE, ADVICE, VOID, REFUND, REVERSAL = "PURCHASE", "ADVICE", "VOID", "REFUND", "REVERSAL"
 SUCCESS, FAILED, REVERSED = "SUCCESS", "FAILED", "REVERSED"

@@ -11,7 +11,9 @@ KCV_BYTES = 3
 
 
 def _not(data: bytes) -> bytes:
-    return bytes(b ^ 0xFF for b in data)
+    """Every bit inverted (~D)."""
+    n = len(data)
+    return (int.from_bytes(data, "big") ^ ((1 << (8 * n)) - 1)).to_bytes(n, "big")
 
 
 def diversify(master_key: bytes, factor: bytes, suite: Suite = SM4) -> bytes:

@@ -18,6 +18,9 @@ PURPOSES = ("internal_auth", "external_auth", "sm_mac", "tac", "pin")
 """Key purposes of the civil-affairs partition: 内部认证, 外部认证, 线路保护MAC, 交易验证(TAC), PIN."""
 
 APP_SERIAL_BYTES = 8
+CARD_KEY_CACHE = 100_000
+"""Card keys a key set keeps once derived (the host re-derives one per cryptogram checked; ~16 bytes each
+plus the entry): the oldest goes first when full; any change of a master key empties it."""
 
 
 @dataclass
@@ -27,6 +30,7 @@ class IssuerKeySet:
     suite: Suite = SM4
     current_version: int = 1
     _masters: dict[tuple[str, int], bytes] = field(default_factory=dict, repr=False)
+    _card_keys: dict[tuple[str, int, bytes], bytes] = field(default_factory=dict, repr=False, compare=False)
 
     def __repr__(self) -> str:
         versions = sorted({v for _, v in self._masters})
@@ -38,6 +42,7 @@ class IssuerKeySet:
         if len(key) != 16:
             raise CryptoError("issuer master keys are 16 bytes")
         self._masters[(purpose, version)] = bytes(key)
+        self._card_keys.clear()
 
     def master(self, purpose: str, version: int | None = None) -> bytes:
         v = self.current_version if version is None else version
@@ -54,9 +59,18 @@ class IssuerKeySet:
 
     def card_key(self, purpose: str, version: int | None, app_serial: bytes) -> bytes:
         """The card's own key for ``purpose``: the master diversified by the 8-byte application serial."""
+        v = self.current_version if version is None else version
+        cache = self._card_keys
+        key = cache.get((purpose, v, app_serial))
+        if key is not None:
+            return key
         if len(app_serial) != APP_SERIAL_BYTES:
             raise CryptoError(f"application serial must be {APP_SERIAL_BYTES} bytes, got {len(app_serial)}")
-        return diversify(self.master(purpose, version), app_serial, self.suite)
+        key = diversify(self.master(purpose, v), app_serial, self.suite)
+        if len(cache) >= CARD_KEY_CACHE:
+            del cache[next(iter(cache))]
+        cache[(purpose, v, bytes(app_serial))] = key
+        return key
 
     def kcvs(self) -> dict[tuple[str, int], str]:
         """Key check values (hex) per (purpose, version) — safe to show."""

@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from clearing.worker import ClearingWorker, _terminal_of
-from protocol.messages import RC, Heartbeat, Purchase, now_utc
+from protocol.messages import RC, Heartbeat, Purchase, TxnResult, now_utc
 
 
 class NoKeys:
@@ -146,3 +146,47 @@ def test_a_changed_byte_before_the_mac_member_is_a_mac_error() -> None:
         assert service.seen == []
         if answer is not None:  # a payload that still parses: answered A0
             assert answer.response_code == RC.MAC_ERROR and worker.stats.mac_failures == 1
+
+
+class Approves:
+    """A clearing service that approves everything once per call (counts its calls)."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def handle(self, msg: Purchase) -> TxnResult:
+        self.calls += 1
+        return TxnResult(type="purchase_result", terminal_id=msg.terminal_id, msg_id=uuid.uuid4().hex,
+                         sent_at=now_utc(), orig_msg_id=msg.msg_id, batch_no=msg.batch_no, trace_no=msg.trace_no,
+                         response_code="00", rrn="000000000042", auth_code="123456", balance_after_fen=900,
+                         business_date="2026-03-01", message="")
+
+
+def test_a_retransmitted_request_gets_the_same_answer_from_plain_bytes_kept_outside_the_collector() -> None:
+    import gc
+
+    from clearing.worker import signed_payload
+    from protocol.messages import parse_message
+
+    tak = bytes(range(16))
+    wire = _purchase().signed_json(tak)
+    service = Approves()
+    worker = ClearingWorker("mqtt://127.0.0.1:1", service, OneKey(tak), None)  # type: ignore[arg-type]
+
+    async def twice() -> list[bytes]:
+        out = []
+        for _ in range(2):
+            answer, key = await worker._answer(TOPIC, wire)
+            assert answer is not None and key == tak
+            out.append(signed_payload(answer, key))
+        return out
+
+    first, second = asyncio.run(twice())
+    assert service.calls == 1 and worker.stats.refused == 1  # the second was a replay, not processed again
+    assert first == second
+    answer = parse_message(first)
+    assert isinstance(answer, TxnResult) and answer.rrn == "000000000042" and answer.mac_ok(tak)
+    (kept,) = worker._answers.values()
+    assert [type(v) for v in kept] == [str, str, bytes]
+    gc.collect()
+    assert not gc.is_tracked(kept)  # 50,000 of these cost a full collection nothing
