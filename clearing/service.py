@@ -19,6 +19,7 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, time
+from functools import lru_cache
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -145,8 +146,7 @@ class ClearingService:
             return msg.approved_at.astimezone(UTC)
         if card is not None:
             try:
-                local = parse_card_time(card.txn_date, card.txn_time)
-                return local.replace(tzinfo=self._tz).astimezone(UTC)
+                return _card_time_utc(card.txn_date, card.txn_time, self._tz)
             except ValueError:
                 return received
         return msg.sent_at.astimezone(UTC)
@@ -270,6 +270,12 @@ async def _host_totals(conn: Any, terminal_id: str, batch_no: str) -> BatchTotal
                        void_count=counts["VOID"][0], void_fen=counts["VOID"][1], refund_count=counts["REFUND"][0],
                        refund_fen=counts["REFUND"][1], advice_count=counts["ADVICE"][0],
                        advice_fen=counts["ADVICE"][1])
+
+
+@lru_cache(maxsize=4096)
+def _card_time_utc(ymd: str, hms: str, tz: ZoneInfo) -> datetime:
+    """The card's local date and time (``tz``) as an aware UTC instant; ``ValueError`` when it is not one."""
+    return parse_card_time(ymd, hms).replace(tzinfo=tz).astimezone(UTC)
 
 
 def _valid_card_time(msg: Any) -> bool:

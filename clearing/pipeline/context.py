@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import lru_cache
 from typing import Any, NamedTuple
 
 from keys.issuer import IssuerKeySet
@@ -28,6 +29,7 @@ def txn_key(terminal_id: str, batch_no: str, trace_no: str, txn_type: str) -> st
     return f"{terminal_id}:{batch_no}:{trace_no}:{txn_type}"
 
 
+@lru_cache(maxsize=4096)  # a pure function of two short strings; the same second recurs across a busy host's cards
 def parse_card_time(ymd: str, hms: str = "000000") -> datetime:
     """The card's local ``YYYYMMDD`` + ``HHMMSS`` as a naive datetime; ``ValueError`` when it is not a real instant.
 
