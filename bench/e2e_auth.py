@@ -179,7 +179,7 @@ class Prepared:
 
 
 def prepared(msg: Message) -> Prepared:
-    return Prepared(msg.msg_id, up_topic(msg.terminal_id), msg.to_json())
+    return Prepared(msg.msg_id, up_topic(msg.terminal_id), msg.wire_json())
 
 
 class _Term:

@@ -213,6 +213,14 @@ class Message(BaseModel):
     def to_json(self) -> bytes:
         return self.model_dump_json().encode("utf-8")
 
+    def wire_json(self) -> bytes:
+        """The bytes a sender publishes: the canonical JSON with ``mac`` as its last member (:func:`with_mac`),
+        which a receiver checks as they are (:func:`without_mac`) instead of re-serialising the parsed message.
+        Parses to the same message as :meth:`to_json`. Unsigned (no ``mac``): :meth:`to_json`."""
+        if not self.mac:
+            return self.to_json()
+        return with_mac(self.canonical_bytes(), self.mac)
+
 
 # --- sign-on (签到): terminal proves itself with SM2 over a host nonce, receives working keys under its TMK
 

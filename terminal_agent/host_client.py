@@ -180,7 +180,7 @@ class HostLink:
         self._pending[msg.msg_id] = fut
         try:
             try:
-                publish_nowait(client, up_topic(msg.terminal_id), msg.to_json())
+                publish_nowait(client, up_topic(msg.terminal_id), msg.wire_json())
             except aiomqtt.MqttError as exc:  # it may have reached the broker: the outcome is unknown
                 raise HostTimeout(f"publish of {msg.type} failed ({exc}); outcome unknown") from None
             try:
@@ -196,7 +196,7 @@ class HostLink:
         if client is None or not self.connected:
             raise HostUnavailable("no connection to the broker")
         try:
-            await client.publish(up_topic(msg.terminal_id), msg.to_json(), qos=1)
+            await client.publish(up_topic(msg.terminal_id), msg.wire_json(), qos=1)
         except aiomqtt.MqttError as exc:
             raise HostUnavailable(f"publish failed: {exc}") from None
 

@@ -144,3 +144,19 @@ def test_without_mac_never_fails_on_any_bytes(payload: bytes, mac: str) -> None:
 
     out = without_mac(payload, mac)
     assert out is None or (out.endswith(b"}") and len(out) < len(payload))
+
+
+def test_wire_json_is_the_signed_message_with_its_mac_last() -> None:
+    from protocol.messages import without_mac
+
+    msg = Purchase(terminal_id="T0000001", msg_id=uuid.uuid4().hex, sent_at=datetime.now(UTC),
+                   provider_id="P110105V0000001", batch_no="000001", trace_no="000007", program="voucher",
+                   service_category="meal", amount_fen=2500,
+                   card=CardProof(card_no="6218880000000000015", app_serial="0001000000000001", key_version=1, atc=3,
+                                  ttn=9, txn_date="20260301", txn_time="101500", tac="0A0B0C0D"))
+    signed = msg.signed(TAK)
+    wire = signed.wire_json()
+    assert parse_message(wire) == parse_message(signed.to_json()) == signed
+    assert without_mac(wire, signed.mac) == signed.canonical_bytes()  # what the receiver MACs, as sent
+    assert wire == signed.signed_json(TAK)
+    assert msg.wire_json() == msg.to_json()  # unsigned: nothing to cut off
