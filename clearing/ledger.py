@@ -48,7 +48,7 @@ from collections import defaultdict, deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from sqlalchemy import bindparam, or_, select, update
 from sqlalchemy.engine import Connection
@@ -75,6 +75,9 @@ from clearing.pipeline import dedupe, metrics
 from clearing.schema import FLAG_NO_OVERDRAFT, accounts, host_txns, transfers
 from clearing.windows import MAX_CLOSED_DAYS_SKIPPED, Cutoff, resolve_business_dates_sync
 from clearing.windows import OPEN as WINDOW_OPEN
+
+if TYPE_CHECKING:
+    from clearing.pipeline.snapshot import RegistryCache
 
 log = logging.getLogger("carepay.clearing.ledger")
 
@@ -216,7 +219,7 @@ class Authoriser(Protocol):
     ``settle`` the ones over the batch's running state (at the request's turn, in arrival order).
     """
 
-    def load(self, select: Any, ctxs: list[Any]) -> Any: ...
+    def load(self, select: Any, ctxs: list[Any], cache: Any = None) -> Any: ...
 
     def screen(self, ctx: Any, snap: Any) -> tuple[str, str] | None: ...
 
@@ -246,7 +249,27 @@ class _KnownState:
         self.accts: dict[str, _Acct] = {}
         self.accts_by_id: dict[int, _Acct] = {}
         self.max_atc: dict[str, int | None] = {}  # card -> highest counter spent (None: none yet)
+        from clearing.pipeline.snapshot import RegistryCache  # (the registries import the ledger)
+
+        self.registry = RegistryCache()  # cards, terminals, providers read by earlier batches (see registry_for)
         self._dv = self._sv = -1
+
+    def registry_for(self, raw: Any) -> RegistryCache | None:
+        """Before the batch's write transaction (its screen reads the registry first): the registry rows of
+        earlier batches when nobody has committed since this writer's last commit (``data_version``,
+        ``schema_version``, ``total_changes`` as :meth:`check`), else emptied and ``None``. A commit by another
+        connection after this point is caught by :meth:`check` inside the transaction, which drops them."""
+        if self.version is None or raw is not self.raw:
+            self.registry.clear()
+            return None
+        dv = raw.execute("PRAGMA data_version").fetchone()[0]
+        sv = raw.execute("PRAGMA schema_version").fetchone()[0]
+        if self.version != (dv, sv, raw.total_changes):
+            self.registry.clear()
+            return None
+        if len(self.registry) > KNOWN_STATE_MAX:
+            self.registry.clear()
+        return self.registry
 
     def check(self, raw: Any) -> _KnownState | None:
         """Inside the batch's write transaction: the state when still valid (else emptied and ``None``)."""
@@ -277,6 +300,7 @@ class _KnownState:
     def drop(self) -> None:
         self.raw = self.version = None
         self.accts, self.accts_by_id, self.max_atc = {}, {}, {}
+        self.registry.clear()
 
 
 class _Batch:
@@ -293,6 +317,7 @@ class _Batch:
         self.decl: list[tuple[str, str] | None] = [r.decline for r in reqs]
         self.ctr: list[tuple[str, int] | None] = [r.counter for r in reqs]
         self.snap: Any = None
+        self.registry: RegistryCache | None = None  # SQLite writer: registry rows still valid from earlier batches
         self.screened: set[int] = set()
         self.prescreened = False
         self.now = datetime.now(UTC)
@@ -416,7 +441,7 @@ class _Batch:
                 todo.append(i)
         if not todo:
             return
-        self.snap = self.authoriser.load(self.store.select, [self.reqs[i].auth for i in todo])
+        self.snap = self.authoriser.load(self.store.select, [self.reqs[i].auth for i in todo], self.registry)
         self.snap.batch = self
         for i in todo:
             ctx = self.reqs[i].auth
@@ -932,6 +957,8 @@ def _run_raw_sqlite(raw: Any, dialect: Any, reqs: list[TxnRequest], cutoff: Cuto
     ``known``: the writer's :class:`_KnownState` (accounts and card counters from its previous batches),
     used only when it proves still valid inside the write transaction; a failed batch drops it."""
     batch = _Batch(_RawSqliteStore(raw, dialect), reqs, cutoff, authoriser)
+    if known is not None:
+        batch.registry = known.registry_for(raw)
     batch.prescreen()  # autocommit reads: registry snapshot and cryptograms before the write lock
     try:
         raw.execute("BEGIN IMMEDIATE")

@@ -29,7 +29,7 @@ from clearing.pipeline import (
     terminal,
 )
 from clearing.pipeline.context import AuthContext, Decline
-from clearing.pipeline.snapshot import Select, Snapshot, load_snapshot
+from clearing.pipeline.snapshot import RegistryCache, Select, Snapshot, load_snapshot
 from keys.issuer import IssuerKeySet
 
 PURCHASE_STATIC: tuple[ModuleType, ...] = (
@@ -67,11 +67,11 @@ class BatchAuthoriser:
     def __init__(self, keysets: dict[str, IssuerKeySet]):
         self.keysets = keysets
 
-    def load(self, select: Select, ctxs: Sequence[AuthContext]) -> Snapshot:
-        """Everything the participants read for ``ctxs``: one query per table."""
+    def load(self, select: Select, ctxs: Sequence[AuthContext], cache: RegistryCache | None = None) -> Snapshot:
+        """Everything the participants read for ``ctxs``: one query per table (rows ``cache`` holds: none)."""
         cards = [c.msg.card.card_no for c in ctxs if c.txn_type in ("PURCHASE", "ADVICE")]
         providers = [c.msg.provider_id for c in ctxs if c.txn_type in ("PURCHASE", "ADVICE")]
-        return load_snapshot(select, cards, [c.msg.terminal_id for c in ctxs], providers)
+        return load_snapshot(select, cards, [c.msg.terminal_id for c in ctxs], providers, cache)
 
     def screen(self, ctx: AuthContext, snap: Snapshot) -> Decline | None:
         """The participants that read only registry data and the message (TAC verification included)."""

@@ -64,22 +64,54 @@ class Snapshot:
         return self.batch.by_rrn.get(rrn or "")
 
 
+@dataclass
+class RegistryCache:
+    """Registry rows kept between batches by a writer that can prove nothing changed them since it read them
+    (SQLite: :class:`clearing.ledger._KnownState` hands it out only while ``data_version`` and friends show
+    that no other connection committed). Only rows found are kept; a key not in the registry is asked again."""
+
+    cards: dict[str, Card] = field(default_factory=dict)
+    terminals: dict[str, Terminal] = field(default_factory=dict)
+    providers: dict[str, Provider] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.cards) + len(self.terminals) + len(self.providers)
+
+    def clear(self) -> None:
+        self.cards.clear()
+        self.terminals.clear()
+        self.providers.clear()
+
+
 def load_snapshot(select: Select, card_nos: Iterable[str], terminal_ids: Iterable[str],
-                  provider_ids: Iterable[str]) -> Snapshot:
-    """Cards, terminals and providers by key: three set-based queries (one each, none when empty)."""
+                  provider_ids: Iterable[str], cache: RegistryCache | None = None) -> Snapshot:
+    """Cards, terminals and providers by key: three set-based queries (one each, none when empty); with a
+    ``cache``, only for the keys it does not hold (and what they find is added to it)."""
     snap = Snapshot()
+    held = cache if cache is not None else RegistryCache()
+
+    def wanted(keys: Iterable[str], known: dict[str, Any], into: dict[str, Any]) -> list[str]:
+        missing = []
+        for k in set(keys):
+            row = known.get(k)
+            if row is None:
+                missing.append(k)
+            else:
+                into[k] = row
+        return sorted(missing)
+
     for values in select(f"SELECT {', '.join(_CARD_COLS)} FROM cards WHERE card_no {{IN}}",
-                         [(sorted(set(card_nos)), "text")]):
+                         [(wanted(card_nos, held.cards, snap.cards), "text")]):
         m = dict(zip(_CARD_COLS, values, strict=True))
         m["valid_until"] = _as_date(m["valid_until"])
-        snap.cards[m["card_no"]] = Card.from_row(_Row(m))
+        snap.cards[m["card_no"]] = held.cards[m["card_no"]] = Card.from_row(_Row(m))
     for values in select(f"SELECT {', '.join(_TERMINAL_COLS)} FROM terminals WHERE terminal_id {{IN}}",
-                         [(sorted(set(terminal_ids)), "text")]):
+                         [(wanted(terminal_ids, held.terminals, snap.terminals), "text")]):
         m = dict(zip(_TERMINAL_COLS, values, strict=True))
         m["install_date"] = _as_date(m["install_date"])
-        snap.terminals[m["terminal_id"]] = Terminal.from_row(_Row(m))
+        snap.terminals[m["terminal_id"]] = held.terminals[m["terminal_id"]] = Terminal.from_row(_Row(m))
     for values in select(f"SELECT {', '.join(_PROVIDER_COLS)} FROM providers WHERE provider_id {{IN}}",
-                         [(sorted(set(provider_ids)), "text")]):
+                         [(wanted(provider_ids, held.providers, snap.providers), "text")]):
         m = dict(zip(_PROVIDER_COLS, values, strict=True))
-        snap.providers[m["provider_id"]] = Provider.from_row(_Row(m))
+        snap.providers[m["provider_id"]] = held.providers[m["provider_id"]] = Provider.from_row(_Row(m))
     return snap

@@ -29,9 +29,9 @@ def count_loads(world: World) -> list[int]:
     auth = world.svc.writer.authoriser
     original = auth.load
 
-    def load(select_: Any, ctxs: list[Any]) -> Any:
+    def load(select_: Any, ctxs: list[Any], cache: Any = None) -> Any:
         calls.append(len(ctxs))
-        return original(select_, ctxs)
+        return original(select_, ctxs, cache)
 
     auth.load = load  # type: ignore[method-assign]
     return calls
