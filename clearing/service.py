@@ -46,6 +46,7 @@ from keys.issuer import IssuerKeySet
 from protocol.messages import (
     RC,
     RESULT_TYPE,
+    Answered,
     BatchSettle,
     BatchSettleResult,
     BatchTotals,
@@ -53,6 +54,7 @@ from protocol.messages import (
     BatchUploadResult,
     Message,
     TxnResult,
+    txn_result_canonical,
 )
 
 log = logging.getLogger("carepay.clearing.service")
@@ -118,11 +120,19 @@ class ClearingService:
 
     async def handle(self, msg: Message) -> Message:
         """The answer to one up-message (never raises for a refused or malformed business case)."""
+        return await self._handle(msg, False)  # type: ignore[return-value]
+
+    async def handle_answered(self, msg: Message) -> Message | Answered:
+        """:meth:`handle`, with a transaction's answer made straight as the canonical bytes the worker sends and
+        keeps (:class:`protocol.messages.Answered`) — no model built and dumped again; other answers as models."""
+        return await self._handle(msg, True)
+
+    async def _handle(self, msg: Message, wire: bool) -> Message | Answered:
         if msg.type not in HANDLED_TYPES:
             raise ValueError(f"message type {msg.type!r} is not handled by clearing (sign-on/heartbeat are MQTT's)")
         try:
             if msg.type in TXN_TYPE_OF:
-                answer: Message = await self._txn(msg)
+                answer: Message | Answered = await self._txn(msg, wire)
             elif isinstance(msg, BatchSettle):
                 answer = await self._batch_settle(msg)
             else:
@@ -151,7 +161,7 @@ class ClearingService:
                 return received
         return msg.sent_at.astimezone(UTC)
 
-    async def _txn(self, msg: Any) -> TxnResult:
+    async def _txn(self, msg: Any, wire: bool = False) -> TxnResult | Answered:
         # Optional fields are read from the model's field dict: ``getattr(msg, name, None)`` on a pydantic model
         # that lacks the field goes through BaseModel.__getattr__ and builds an AttributeError (~10 µs each).
         fields: dict[str, Any] = msg.__dict__
@@ -184,16 +194,23 @@ class ClearingService:
             return self._conflict(msg)
         except LedgerError:
             return self._system_error(msg)
-        return self._answer(msg, outcome.row)
+        fields = self._answer_fields(msg, outcome.row)
+        if wire:
+            return Answered(msg.terminal_id, fields["type"], fields["response_code"], txn_result_canonical(**fields))
+        return TxnResult(**fields)
 
     def _answer(self, msg: Any, row: dict[str, Any]) -> TxnResult:
+        return TxnResult(**self._answer_fields(msg, row))
+
+    def _answer_fields(self, msg: Any, row: dict[str, Any]) -> dict[str, Any]:
+        """The answer to ``msg`` from its journal row, as :class:`TxnResult` fields."""
         bdate = row.get("business_date")
-        return TxnResult(type=RESULT_TYPE[msg.type], terminal_id=msg.terminal_id, msg_id=_new_msg_id(),
-                         sent_at=self.clock(), orig_msg_id=msg.msg_id, batch_no=row["batch_no"],
-                         trace_no=row["trace_no"], response_code=row["response_code"], rrn=row["rrn"],
-                         auth_code=row.get("auth_code") if row["response_code"] == RC.APPROVED else None,
-                         balance_after_fen=row.get("balance_after_fen"),
-                         business_date=bdate.isoformat() if bdate else None, message=(row.get("message") or "")[:200])
+        return {"type": RESULT_TYPE[msg.type], "terminal_id": msg.terminal_id, "msg_id": _new_msg_id(),
+                "sent_at": self.clock(), "orig_msg_id": msg.msg_id, "batch_no": row["batch_no"],
+                "trace_no": row["trace_no"], "response_code": row["response_code"], "rrn": row["rrn"],
+                "auth_code": row.get("auth_code") if row["response_code"] == RC.APPROVED else None,
+                "balance_after_fen": row.get("balance_after_fen"),
+                "business_date": bdate.isoformat() if bdate else None, "message": (row.get("message") or "")[:200]}
 
     def _conflict(self, msg: Any) -> TxnResult:
         return TxnResult(type=RESULT_TYPE[msg.type], terminal_id=msg.terminal_id, msg_id=_new_msg_id(),

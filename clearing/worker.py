@@ -56,6 +56,7 @@ from protocol.messages import (
     RC,
     RESULT_TYPE,
     SHARED_UP_TOPIC,
+    Answered,
     BatchSettle,
     BatchSettleResult,
     BatchTotals,
@@ -69,7 +70,6 @@ from protocol.messages import (
     down_topic,
     mac_hex,
     parse_message,
-    with_mac,
     without_mac,
 )
 from protocol.transport import LeanMqttConnection, LeanMqttError, client_id, make_client, publish_nowait
@@ -106,22 +106,6 @@ def _terminal_of(topic: str) -> str | None:
     if len(parts) == 5 and parts[0] == "carepay" and parts[1] == "v1" and parts[2] == "term" and parts[4] == "up":
         return parts[3]
     return None
-
-
-@dataclass(frozen=True, slots=True)
-class Answered:
-    """An answer as the worker sends and remembers it: its canonical bytes (every field but ``mac``), MAC'd when
-    sent. The answer cache keeps ``(type, response_code, canonical)`` per ``terminal:msg_id`` — plain strings and
-    bytes, which the garbage collector does not track — rather than the models: 50,000 remembered models were
-    ~100,000 tracked objects that every full collection walked (pauses of 60-80 ms under load)."""
-
-    terminal_id: str
-    type: str
-    response_code: str
-    canonical: bytes
-
-    def signed_json(self, key: bytes) -> bytes:
-        return with_mac(self.canonical, mac_hex(key, self.canonical))
 
 
 def signed_payload(answer: Message | Answered, key: bytes) -> bytes:
@@ -381,13 +365,17 @@ class ClearingWorker:
         if isinstance(msg, Heartbeat):
             return None, None
         try:
-            answer = await self._service.handle(msg)
+            handle = getattr(self._service, "handle_answered", None) or self._service.handle
+            answer = await handle(msg)
         except Exception:
             log.exception("clearing service failed on %s", msg.type)
             self.stats.errors += 1
             return refusal(msg, RC.SYSTEM_ERROR, "system error"), key
         if answer is None:
             return None, None
+        # Kept as ``(type, response_code, canonical bytes)`` — plain str/bytes the garbage collector does not track
+        # — rather than models: 50,000 remembered models were ~100,000 tracked objects that every full collection
+        # walked (pauses of 60-80 ms under load).
         kept = (answer.type, getattr(answer, "response_code", ""), answer.canonical_bytes())
         self._answers[cache_key] = kept
         if len(self._answers) > ANSWER_CACHE_ENTRIES:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hmac
 import json
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from json.encoder import encode_basestring, encode_basestring_ascii
 from typing import Annotated, Any, Literal, Self
@@ -135,6 +136,7 @@ def with_mac(canonical: bytes, mac: str) -> bytes:
     return canonical[:-1] + b',"mac":"' + mac.encode("ascii") + b'"}'
 
 
+_AWARE_JSON: TypeAdapter[datetime] = TypeAdapter(AwareDatetime)
 _MAC_MEMBER = b',"mac":"'
 
 
@@ -159,6 +161,25 @@ def without_mac(payload: bytes, mac: str) -> bytes | None:
     if head == b'{"mac":"':
         return b"{}"
     return None
+
+
+@dataclass(frozen=True, slots=True)
+class Answered:
+    """An answer as a host sends and remembers it: its canonical bytes (every field but ``mac``, as
+    :meth:`Message.canonical_bytes` makes them), MAC'd when sent. ``parse_message(answered.signed_json(key))``
+    is the message itself. Cheaper to keep than a model (plain str/bytes, not tracked by the garbage
+    collector) and, for a transaction's answer, to make (:func:`txn_result_canonical`)."""
+
+    terminal_id: str
+    type: str
+    response_code: str
+    canonical: bytes
+
+    def canonical_bytes(self) -> bytes:
+        return self.canonical
+
+    def signed_json(self, key: bytes, suite: Suite = SM4) -> bytes:
+        return with_mac(self.canonical, mac_hex(key, self.canonical, suite))
 
 
 TerminalId = Annotated[str, Field(pattern=r"^[0-9A-Z]{8}$")]
@@ -340,6 +361,20 @@ class Refund(Message):
     orig_rrn: Rrn
     card_no: CardNo
     amount_fen: AmountFen
+
+
+def txn_result_canonical(*, type: str, terminal_id: str, msg_id: str, sent_at: datetime, orig_msg_id: str,
+                         batch_no: str, trace_no: str, response_code: str, rrn: str | None = None,
+                         auth_code: str | None = None, balance_after_fen: int | None = None,
+                         business_date: str | None = None, message: str = "") -> bytes:
+    """``TxnResult(**fields).canonical_bytes()`` without building the model: for a host that makes the answer
+    from its own journal row (values already in the model's forms; ``message`` at most 200 characters).
+    The equality is property-tested; the datetime goes through pydantic's own JSON serialiser."""
+    return canonical_json({
+        "type": type, "terminal_id": terminal_id, "msg_id": msg_id, "sent_at": _AWARE_JSON.dump_python(sent_at, mode="json"),
+        "orig_msg_id": orig_msg_id, "batch_no": batch_no, "trace_no": trace_no, "response_code": response_code,
+        "rrn": rrn, "auth_code": auth_code, "balance_after_fen": balance_after_fen, "business_date": business_date,
+        "message": message})
 
 
 class TxnResult(Message):

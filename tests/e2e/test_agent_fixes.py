@@ -48,7 +48,7 @@ def force_96(worker: ClearingWorker, msg_type: str, *, post_first: bool, times: 
                                              "auth_code": None})
         return refusal(msg, RC.SYSTEM_ERROR, "system error; retry")
 
-    service.handle = handle  # type: ignore[method-assign]
+    service.handle = service.handle_answered = handle  # type: ignore[method-assign]
     return forced
 
 

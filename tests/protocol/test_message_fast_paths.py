@@ -160,3 +160,31 @@ def test_wire_json_is_the_signed_message_with_its_mac_last() -> None:
     assert without_mac(wire, signed.mac) == signed.canonical_bytes()  # what the receiver MACs, as sent
     assert wire == signed.signed_json(TAK)
     assert msg.wire_json() == msg.to_json()  # unsigned: nothing to cut off
+
+
+_digits = "0123456789"
+_upper = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.sampled_from(["purchase_result", "void_result", "refund_result", "reversal_result", "advice_result"]),
+    st.datetimes(min_value=datetime(2000, 1, 1), max_value=datetime(2099, 12, 31), timezones=st.sampled_from(
+        [UTC, __import__("zoneinfo").ZoneInfo("Asia/Shanghai")])),
+    st.text(_digits, min_size=6, max_size=6), st.sampled_from(["00", "51", "62", "96", "A0"]),
+    st.none() | st.text(_upper, min_size=12, max_size=12), st.none() | st.text(_upper, min_size=6, max_size=6),
+    st.none() | st.integers(min_value=0, max_value=10**12), st.none() | st.dates().map(lambda d: d.isoformat()),
+    st.text(max_size=200),
+)
+def test_txn_result_canonical_equals_the_model_s_bytes(kind, sent_at, trace, code, rrn, auth, balance, bdate,
+                                                       message) -> None:  # type: ignore[no-untyped-def]
+    from protocol.messages import Answered, txn_result_canonical
+
+    fields = dict(type=kind, terminal_id="T0000001", msg_id=uuid.uuid4().hex, sent_at=sent_at,
+                  orig_msg_id="M00000000001", batch_no="000001", trace_no=trace, response_code=code, rrn=rrn,
+                  auth_code=auth, balance_after_fen=balance, business_date=bdate, message=message)
+    model = TxnResult(**fields)
+    fast = txn_result_canonical(**fields)
+    assert fast == model.canonical_bytes()
+    answered = Answered("T0000001", kind, code, fast)
+    assert parse_message(answered.signed_json(TAK)) == model.signed(TAK)
