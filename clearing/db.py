@@ -17,6 +17,10 @@ from __future__ import annotations
 
 import importlib
 import json
+import logging
+import sqlite3
+import threading
+import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -27,6 +31,8 @@ from sqlalchemy import Date, Table, event, text
 from sqlalchemy.engine import Connection, Dialect
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.util import await_
+
+log = logging.getLogger("carepay.clearing.db")
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 SQLITE_SYNCHRONOUS = "FULL"  # durable commits; NORMAL loses the last commits on power failure in WAL mode
@@ -457,3 +463,72 @@ def url_for_display(url: str) -> str:
         creds, host = rest.rsplit("@", 1)
         return f"{scheme}://{creds.split(':', 1)[0]}@{host}"
     return url
+
+
+# --- SQLite: WAL checkpoints beside the ledger writer, not inside its commits --------------------------------
+
+WAL_CHECKPOINT_INTERVAL_S = 0.2
+"""How often :class:`WalCheckpointer` copies committed WAL pages back into the database file."""
+WRITER_AUTOCHECKPOINT_PAGES = 4_000
+"""The ledger writer's own automatic-checkpoint threshold (pages; SQLite's default is 1,000)."""
+
+
+class WalCheckpointer:
+    """``PRAGMA wal_checkpoint(PASSIVE)`` every ``interval_s`` on its own connection and thread.
+
+    SQLite's automatic checkpoint runs inside the COMMIT that takes the WAL past its threshold: that commit —
+    and every request of the batch waiting on it — also copies the WAL back into the database file and syncs
+    it. Measured at 1,000 requests/s: the batches slower than 8 ms spent 6–10 ms (once 91 ms) in BEGIN/COMMIT
+    against 2–4 ms in all their own work. This thread does the copying beside the writer instead; a PASSIVE
+    checkpoint never blocks a writer or a reader and waits for nothing (the thread spends its time in SQLite with
+    the interpreter lock released). The writer keeps its own automatic checkpoint, at
+    :data:`WRITER_AUTOCHECKPOINT_PAGES`: under continuous writes only a checkpoint by the writer itself can copy
+    the WAL to its very end and let the next transaction start it from the beginning again, and by then this
+    thread has copied nearly all of it. The WAL file therefore stays bounded (~16 MiB).
+    """
+
+    def __init__(self, path: str, interval_s: float = WAL_CHECKPOINT_INTERVAL_S) -> None:
+        self.path = path
+        self.interval_s = interval_s
+        self.checkpoints = 0
+        self.longest_s = 0.0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __repr__(self) -> str:
+        return f"WalCheckpointer(checkpoints={self.checkpoints}, longest_s={self.longest_s:.3f})"
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._run, name="carepay-wal-checkpoint", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            self._stop.set()
+            thread.join(timeout=10)
+
+    def _run(self) -> None:
+        try:
+            conn = sqlite3.connect(self.path, timeout=SQLITE_BUSY_TIMEOUT_MS / 1000, isolation_level=None)
+        except sqlite3.Error as exc:  # the writer's own automatic checkpoint still bounds the WAL
+            log.warning("WAL checkpointer not started on %s: %s", self.path, exc)
+            return
+        try:
+            while not self._stop.wait(self.interval_s):
+                t0 = time.perf_counter()
+                try:
+                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+                except sqlite3.Error as exc:
+                    log.warning("WAL checkpoint failed: %s", exc)
+                    continue
+                self.checkpoints += 1
+                self.longest_s = max(self.longest_s, time.perf_counter() - t0)
+        finally:
+            conn.close()

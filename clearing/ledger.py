@@ -58,7 +58,9 @@ from sqlalchemy.util import await_
 
 from clearing.accounts import ensure_accounts_sync, spec_for
 from clearing.db import (
+    WRITER_AUTOCHECKPOINT_PAGES,
     BulkWrite,
+    WalCheckpointer,
     _sqlite_allocate,
     _sqlite_run,
     allocate_ids_sync,
@@ -1018,6 +1020,7 @@ class GroupCommitWriter:
         self._ahead_ok = engine.dialect.name == "sqlite" and RAW_SQLITE_BATCH
         self._handed = asyncio.Event()  # set once the batch being started ahead reached the database
         self._known = _KnownState()
+        self._checkpointer: WalCheckpointer | None = None  # SQLite file: see clearing.db.WalCheckpointer
         # asyncpg's errors only on PostgreSQL: on SQLite its import (~0.3 s) would land in the first batch
         self._retryable = _retryable_errors(engine.dialect.name == "postgresql")
         self._conn: tuple[AsyncConnection, Any] | None = None  # SQLite: see _sqlite_connection  # SQLite: accounts and card counters as of this writer's last commit
@@ -1036,6 +1039,9 @@ class GroupCommitWriter:
             await self._task
         self._task = None
         await self._release()
+        if self._checkpointer is not None:
+            await asyncio.to_thread(self._checkpointer.stop)
+            self._checkpointer = None
 
     async def __aenter__(self) -> GroupCommitWriter:
         await self.start()
@@ -1140,6 +1146,12 @@ class GroupCommitWriter:
                 await conn.close()
                 return None
             self._conn = (conn, driver)
+            path = self.engine.url.database
+            if path and path != ":memory:" and not path.startswith("file:"):
+                await driver._execute(driver._conn.execute, f"PRAGMA wal_autocheckpoint={WRITER_AUTOCHECKPOINT_PAGES}")
+                if self._checkpointer is None:  # copies the WAL back beside the writer, not in its COMMITs
+                    self._checkpointer = WalCheckpointer(path)
+                    self._checkpointer.start()
         return self._conn
 
     async def _release(self) -> None:
