@@ -261,27 +261,27 @@ class _KnownState:
         earlier batches when nobody has committed since this writer's last commit (``data_version``,
         ``schema_version``, ``total_changes`` as :meth:`check`), else emptied and ``None``. A commit by another
         connection after this point is caught by :meth:`check` inside the transaction, which drops them."""
-        if self.version is None or raw is not self.raw:
-            self.registry.clear()
-            return None
-        dv = raw.execute("PRAGMA data_version").fetchone()[0]
-        sv = raw.execute("PRAGMA schema_version").fetchone()[0]
-        if self.version != (dv, sv, raw.total_changes):
+        if self.version is None or raw is not self.raw or self.version != self._version_of(raw):
             self.registry.clear()
             return None
         if len(self.registry) > KNOWN_STATE_MAX:
             self.registry.clear()
         return self.registry
 
+    @staticmethod
+    def _version_of(raw: Any) -> tuple[int, int, int]:
+        """``(data_version, schema_version, total_changes)`` of the connection now."""
+        return (raw.execute("PRAGMA data_version").fetchone()[0], raw.execute("PRAGMA schema_version").fetchone()[0],
+                raw.total_changes)
+
     def check(self, raw: Any) -> _KnownState | None:
         """Inside the batch's write transaction: the state when still valid (else emptied and ``None``)."""
-        dv = raw.execute("PRAGMA data_version").fetchone()[0]
-        sv = raw.execute("PRAGMA schema_version").fetchone()[0]
-        valid = raw is self.raw and self.version == (dv, sv, raw.total_changes)
+        now = self._version_of(raw)
+        valid = raw is self.raw and self.version == now
         if not valid:
             self.drop()
             self.raw = raw
-        self._dv, self._sv = dv, sv
+        self._dv, self._sv = now[0], now[1]
         return self if valid else None
 
     def keep(self, raw: Any, batch: _Batch) -> None:

@@ -199,9 +199,6 @@ class ClearingService:
             return Answered(msg.terminal_id, fields["type"], fields["response_code"], txn_result_canonical(**fields))
         return TxnResult(**fields)
 
-    def _answer(self, msg: Any, row: dict[str, Any]) -> TxnResult:
-        return TxnResult(**self._answer_fields(msg, row))
-
     def _answer_fields(self, msg: Any, row: dict[str, Any]) -> dict[str, Any]:
         """The answer to ``msg`` from its journal row, as :class:`TxnResult` fields."""
         bdate = row.get("business_date")

@@ -373,14 +373,16 @@ class ClearingWorker:
             return refusal(msg, RC.SYSTEM_ERROR, "system error"), key
         if answer is None:
             return None, None
+        if not isinstance(answer, Answered):
+            answer = Answered(msg.terminal_id, answer.type, getattr(answer, "response_code", ""),
+                              answer.canonical_bytes())
         # Kept as ``(type, response_code, canonical bytes)`` — plain str/bytes the garbage collector does not track
         # — rather than models: 50,000 remembered models were ~100,000 tracked objects that every full collection
         # walked (pauses of 60-80 ms under load).
-        kept = (answer.type, getattr(answer, "response_code", ""), answer.canonical_bytes())
-        self._answers[cache_key] = kept
+        self._answers[cache_key] = (answer.type, answer.response_code, answer.canonical)
         if len(self._answers) > ANSWER_CACHE_ENTRIES:
             self._answers.popitem(last=False)
-        return Answered(msg.terminal_id, *kept), key
+        return answer, key
 
     async def _verify_mac(self, msg: Message, payload: bytes) -> bytes | None:
         """The TAK whose MAC ``msg`` carries (current, previous in its grace, then both re-read), or None.

@@ -97,6 +97,16 @@ def write_credentials(workdir: Path, users: dict[str, str]) -> tuple[Path, Path]
     return pw, acl
 
 
+def hardened_mosquitto(workdir: Path, users: dict[str, str], tls: tuple[Path, Path, Path] | None = None,
+                       ) -> MosquittoProcess:
+    """A mosquitto (not yet started: use ``with``) on a free loopback port with the production security
+    settings (:func:`render_hardened_conf`), ``users`` in its password file and the shipped ACL.
+    MosquittoUnavailable when ``mosquitto_passwd`` is missing."""
+    pw, acl = write_credentials(workdir, users)
+    port = free_port()
+    return MosquittoProcess(workdir, render_hardened_conf(port, pw, acl, tls=tls), port=port)
+
+
 class MosquittoProcess:
     """A mosquitto child process; ``with MosquittoProcess(workdir) as m: m.url``."""
 

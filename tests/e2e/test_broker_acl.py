@@ -13,13 +13,7 @@ from pathlib import Path
 import aiomqtt
 import pytest
 
-from ops.mosquitto_proc import (
-    MosquittoProcess,
-    MosquittoUnavailable,
-    free_port,
-    render_hardened_conf,
-    write_credentials,
-)
+from ops.mosquitto_proc import MosquittoProcess, MosquittoUnavailable, hardened_mosquitto
 from protocol.messages import SHARED_UP_TOPIC, down_topic, up_topic
 from protocol.transport import make_client
 
@@ -31,11 +25,10 @@ USERS = {"T0000001": "pw-t1", "T0000002": "pw-t2", "clearing": "pw-clearing"}
 @pytest.fixture
 def hardened_broker(tmp_path: Path):
     try:
-        pw, acl = write_credentials(tmp_path, USERS)
+        broker = hardened_mosquitto(tmp_path, USERS)
     except MosquittoUnavailable as exc:
         pytest.skip(str(exc))
-    port = free_port()
-    with MosquittoProcess(tmp_path, render_hardened_conf(port, pw, acl), port=port) as m:
+    with broker as m:
         yield m
 
 

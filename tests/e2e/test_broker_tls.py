@@ -19,13 +19,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from ops.mosquitto_proc import (
-    MosquittoProcess,
-    MosquittoUnavailable,
-    free_port,
-    render_hardened_conf,
-    write_credentials,
-)
+from ops.mosquitto_proc import MosquittoUnavailable, hardened_mosquitto
 from protocol.messages import SHARED_UP_TOPIC, up_topic
 from protocol.transport import LeanMqttConnection, LeanMqttError, make_client
 
@@ -57,10 +51,6 @@ def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
 
 @pytest.fixture
 def tls_broker(tmp_path: Path):
-    try:
-        pw, acl = write_credentials(tmp_path, USERS)
-    except MosquittoUnavailable as exc:
-        pytest.skip(str(exc))
     ca_key, broker_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
     ca = _cert("carepay test CA", ca_key, ca=True)
     broker = _cert("127.0.0.1", broker_key, issuer=ca.subject, issuer_key=ca_key)
@@ -68,11 +58,13 @@ def tls_broker(tmp_path: Path):
              "broker.crt": broker.public_bytes(serialization.Encoding.PEM), "broker.key": _pem_key(broker_key)}
     for name, data in files.items():
         (tmp_path / name).write_bytes(data)
-    port = free_port()
-    conf = render_hardened_conf(port, pw, acl, tls=(tmp_path / "broker.crt", tmp_path / "broker.key",
-                                                    tmp_path / "ca.crt"))
-    with MosquittoProcess(tmp_path, conf, port=port) as m:
-        yield m, f"mqtts://127.0.0.1:{port}", str(tmp_path / "ca.crt")
+    try:
+        broker = hardened_mosquitto(tmp_path, USERS, tls=(tmp_path / "broker.crt", tmp_path / "broker.key",
+                                                          tmp_path / "ca.crt"))
+    except MosquittoUnavailable as exc:
+        pytest.skip(str(exc))
+    with broker as m:
+        yield m, f"mqtts://127.0.0.1:{m.port}", str(tmp_path / "ca.crt")
 
 
 async def test_terminal_and_worker_talk_over_tls(tls_broker) -> None:
