@@ -388,7 +388,8 @@ def select_in_sync(conn: Connection, sql: str, values: Sequence[Any], pg_type: s
 def select_multi_in_sync(conn: Connection, sql: str, lists: Sequence[tuple[Sequence[Any], str]]) -> list[tuple[Any, ...]]:
     """Like :func:`select_in_sync` with several lists: ``{IN1}``, ``{IN2}``, … (``{IN}`` = ``{IN1}``), one round trip.
 
-    ``{FOR_UPDATE}`` / ``{FOR_SHARE}`` render as row locks on PostgreSQL and as nothing on SQLite.
+    ``{FOR_UPDATE}`` / ``{FOR_NO_KEY_UPDATE}`` / ``{FOR_SHARE}`` render as row locks on PostgreSQL and as nothing
+    on SQLite.
     """
     q, params = render_in(sql, lists, conn.dialect.name == "sqlite")
     return [tuple(r) for r in conn.exec_driver_sql(q, params)]
@@ -413,7 +414,9 @@ def render_in(sql: str, lists: Sequence[tuple[Sequence[Any], str]], sqlite: bool
             q = q.replace(f"{{IN{i}}}", f"= ANY(${i}::{pg_type}[])").replace(
                 f"{{ROWS{i}}}", f"unnest(${i}::{pg_type}[]) AS r{i}(v)")
             params.append(list(values))
-    q = q.replace("{FOR_UPDATE}", "" if sqlite else "FOR UPDATE").replace("{FOR_SHARE}", "" if sqlite else "FOR SHARE")
+    for token, lock in (("{FOR_UPDATE}", "FOR UPDATE"), ("{FOR_NO_KEY_UPDATE}", "FOR NO KEY UPDATE"),
+                        ("{FOR_SHARE}", "FOR SHARE")):
+        q = q.replace(token, "" if sqlite else lock)
     return q, tuple(params)
 
 

@@ -10,7 +10,7 @@ writer task takes up to :data:`GROUP_COMMIT_MAX_BATCH` of them, waiting at most
    (cards, terminals, providers: one query each) and its static participants (registry
    checks, TAC verification) — see :class:`Authoriser`; then the card counters (the
    highest spent per card; the exact counter only when it is not above that), and the
-   accounts (``FOR UPDATE`` in id order on PostgreSQL, so several
+   accounts (``FOR NO KEY UPDATE`` in id order on PostgreSQL, so several
    worker processes never double-spend; SQLite has one writer via ``BEGIN IMMEDIATE``);
 2. resolves each posting's business date against the settlement windows;
 3. applies the requests in arrival order in memory — de-duplication, the pipeline's
@@ -27,6 +27,12 @@ On SQLite the whole batch (BEGIN IMMEDIATE … COMMIT) runs on the raw ``sqlite3
 connection inside the aiosqlite thread — one thread hop per batch; on PostgreSQL it
 runs through SQLAlchemy with asyncpg, loads as ``= ANY($1)`` and writes as one
 ``INSERT … SELECT FROM unnest(…)`` per table (columns constant over the batch bound once).
+
+On PostgreSQL the writer pipelines purchase batches: the next batch is loaded and applied on the state the
+batch before it leaves (:class:`_Prior`) while that one still writes and commits — its accounts read unlocked,
+then, once the batch before committed, locked in id order and checked to be as assumed (a beneficiary balance
+moved elsewhere, or a batch before that failed: rolled back and run again plainly). See
+:meth:`GroupCommitWriter._run_pipelined`.
 
 Every request ends with exactly one host journal row (``host_txns``), approved or
 declined, except a duplicate (the stored answer is replayed) and an idempotency
@@ -95,6 +101,10 @@ SQL_IN_CHUNK = 500
 """Keys per ``IN (…)`` list when loading."""
 RAW_SQLITE_BATCH = True
 """On SQLite, run each whole batch on the raw connection inside the aiosqlite thread (one thread hop)."""
+PG_PIPELINE = True
+"""On PostgreSQL, prepare the next purchase batch while the one before it commits (see :class:`_Prior`)."""
+PIPELINE_WAIT_S = 30.0
+"""Longest a pipelined batch waits for the one before it to commit before it gives up and runs again plainly."""
 
 PURCHASE, ADVICE, VOID, REFUND, REVERSAL = "PURCHASE", "ADVICE", "VOID", "REFUND", "REVERSAL"
 SUCCESS, FAILED, REVERSED = "SUCCESS", "FAILED", "REVERSED"
@@ -134,6 +144,11 @@ class IdempotencyConflict(Exception):
 
 class InvariantViolation(AssertionError):
     """A batch broke a ledger invariant; nothing of it is committed."""
+
+
+class PipelineConflict(Exception):
+    """A pipelined batch's assumptions did not hold at its commit point — a balance it decided on had moved, or
+    the batch it was built on did not commit: it is rolled back and run again the plain way (locks first)."""
 
 
 @dataclass
@@ -195,6 +210,8 @@ class WriterStats:
     retries: int = 0
     max_batch: int = 0
     seconds_in_db: float = 0.0
+    pipelined: int = 0  # PostgreSQL: batches committed on the state of the batch before them
+    redone: int = 0  # PostgreSQL: pipelined batches whose assumptions did not hold, run again plainly
 
 
 def _chunks(items: list[Any], n: int = SQL_IN_CHUNK) -> Iterable[list[Any]]:
@@ -305,13 +322,115 @@ class _KnownState:
         self.registry.clear()
 
 
+class _Prior:
+    """What a PostgreSQL batch still in flight will have committed, as it applied it — its accounts' totals, its
+    cards' highest and spent counters, its journal rows by key — for the next purchase batch to decide on before
+    this one commits (the writer's pipeline, :meth:`GroupCommitWriter._run_pipelined`). Linked to the state of
+    the batch it was itself built on until that one has ended (:meth:`chain`).
+
+    ``inserted`` is set once its rows are written (or it ended): the next batch writes its own rows only then, so
+    it never holds a key this one is about to insert (this one would wait on it while it waits on this one).
+    ``outcome`` becomes True once it committed, False once it failed."""
+
+    def __init__(self, batch: _Batch, before: _Prior | None, loop: asyncio.AbstractEventLoop):
+        self.before = before
+        self.accts = {a.code: (a.id, a.flags, a.debits, a.credits) for a in batch.accts_by_id.values()}
+        self.codes_by_id = {a.id: a.code for a in batch.accts_by_id.values()}
+        self.max_atc = batch.max_atc  # (the batch no longer changes these once it applied)
+        self.used = batch.used_counters
+        self.by_key = {row["txn_key"]: row for row in batch.new_rows}
+        self.by_msg = {row["msg_key"]: row for row in batch.new_rows}
+        self.inserted = asyncio.Event()
+        self.outcome: asyncio.Future[bool] = loop.create_future()
+
+    def chain(self) -> list[_Prior]:
+        """This state and those it was built on, newest first, as far as they have not committed — taken
+        before the batch building on them reads the database (what committed since is there to read)."""
+        out: list[_Prior] = []
+        p: _Prior | None = self
+        while p is not None and not p.committed:
+            out.append(p)
+            p = p.before
+        return out
+
+    @property
+    def committed(self) -> bool:
+        return self.outcome.done() and self.outcome.result()
+
+    def end(self, committed: bool) -> None:
+        self.inserted.set()
+        self.before = None  # ended after the batch it was built on: nothing to carry any more
+        if not self.outcome.done():
+            self.outcome.set_result(committed)
+
+    async def wait_committed(self) -> None:
+        """Return once it committed; :class:`PipelineConflict` when it failed or took too long."""
+        try:
+            ok = await asyncio.wait_for(asyncio.shield(self.outcome), PIPELINE_WAIT_S)
+        except TimeoutError:
+            raise PipelineConflict("the batch before did not commit in time") from None
+        if not ok:
+            raise PipelineConflict("the batch before did not commit")
+
+
+class _Flight:
+    """One batch of the PostgreSQL writer's pipeline and its place after the batch before it."""
+
+    def __init__(self, reqs: list[TxnRequest], before: _Flight | None):
+        self.reqs = reqs
+        self.before = before
+        self.purchases = all(r.txn_type in DEBIT_TYPES for r in reqs)
+        self.applied = asyncio.Event()  # its state is published (``prior``) or it ended: the next batch may start
+        self.ended = asyncio.Event()  # committed or failed for good
+        self.prior: _Prior | None = None
+
+    def builds_on(self) -> _Prior | None:
+        """The state to build on: the batch before, when it is still in flight and both are purchases and
+        advices only (voids, refunds and reversals read originals and tombstones — they run plainly)."""
+        b = self.before
+        if b is None or b.ended.is_set() or not (self.purchases and b.purchases):
+            return None
+        p = b.prior
+        if p is None or (p.outcome.done() and not p.outcome.result()):
+            return None
+        return p
+
+
+class _Pipe:
+    """One attempt of a :class:`_Flight` as its batch sees it: the state it builds on (``prior``) and its own."""
+
+    def __init__(self, flight: _Flight, prior: _Prior | None, loop: asyncio.AbstractEventLoop):
+        self.flight = flight
+        self.prior = prior
+        self.loop = loop
+        self.mine: _Prior | None = None
+
+    def publish(self, batch: _Batch) -> None:
+        """After the batch applied and its invariants held: the next batch may start from here (once per flight —
+        a retried attempt does not publish again: the next batch already took the first state, or started plainly)."""
+        if not self.flight.applied.is_set():
+            self.mine = self.flight.prior = _Prior(batch, self.prior, self.loop)
+            self.flight.applied.set()
+
+    def inserted(self) -> None:
+        if self.mine is not None:
+            self.mine.inserted.set()
+
+    def end(self, committed: bool) -> None:
+        if self.mine is not None:
+            self.mine.end(committed)
+
+
 class _Batch:
     """The in-memory state machine for one batch (runs in the sync greenlet of the write transaction)."""
 
     def __init__(self, store: _SaStore | _RawSqliteStore, reqs: list[TxnRequest], cutoff: Cutoff,
-                 authoriser: Authoriser | None = None, known: _KnownState | None = None):
+                 authoriser: Authoriser | None = None, known: _KnownState | None = None, pipe: _Pipe | None = None):
         self.store = store
         self.known = known  # set (by the caller) only once validated inside the write transaction
+        self.pipe = pipe  # PostgreSQL writer: its place in the pipeline
+        self.prior = pipe.prior if pipe is not None else None  # built on a batch still in flight: accounts unlocked
+        self.priors: list[_Prior] = []  # the prior and those it was built on, not committed when this one loaded
         self.reqs = reqs
         self.cutoff = cutoff
         self.authoriser = authoriser
@@ -352,6 +471,10 @@ class _Batch:
         orrns = list({r.row.get("orig_rrn") for r in self.reqs if r.row.get("orig_rrn")})
         debit_keys = list({r.txn_key for r in self.reqs if r.txn_type in DEBIT_TYPES})
         hit: set[int] = set()
+        priors = self.priors = self.prior.chain() if self.prior is not None else []
+        for p in reversed(priors):  # the rows of the batches in flight before this one are duplicates here too
+            self.by_key.update(p.by_key)
+            self.by_msg.update(p.by_msg)
         # one round trip: duplicates, originals, reversal tombstones — one index probe per (distinct) key
         lists = [(keys, "text"), (msgs, "text"), (orrns, "text"), (debit_keys, "text")]
         for tag, rid, okey in st.select(_SQLITE_LOAD_KEYS if self.sqlite else _PG_LOAD_KEYS, lists):
@@ -395,6 +518,13 @@ class _Batch:
                 for card, atc in st.max_atc(ask):
                     if atc is not None:
                         top[card] = int(atc)
+            if priors:  # and their counters are spent
+                self.used_counters = set().union(*(p.used for p in priors))
+                for p in priors:
+                    for card in cards:
+                        v = p.max_atc.get(card)
+                        if v is not None and v > top.get(card, -1):
+                            top[card] = v
             below = [(c, a) for c, a in pairs if c in top and a <= top[c]]
             if below:
                 self.used_counters.update(f"{c}:{a}" for c, a in st.used_atc(below))
@@ -477,6 +607,24 @@ class _Batch:
                     accts[a.code] = by_id[i] = a
                     base[i] = (a.debits, a.credits)
             codes, ids = rest, rest_ids
+        if self.priors:  # accounts the batches in flight before this one change: as the newest left them
+            rest, rest_ids = set(), []
+            for code in codes:
+                v = next((p.accts[code] for p in self.priors if code in p.accts), None)
+                if v is None:
+                    rest.add(code)
+                elif v[0] not in self.base:
+                    a = accts[code] = by_id[v[0]] = _Acct(v[0], code, v[1], v[2], v[3])
+                    self.base[a.id] = (a.debits, a.credits)
+            for i in ids:
+                code = next((p.codes_by_id[i] for p in self.priors if i in p.codes_by_id), None)
+                if code is None:
+                    rest_ids.append(i)
+                elif i not in self.base:
+                    v = next(p.accts[code] for p in self.priors if code in p.accts)
+                    a = accts[code] = by_id[i] = _Acct(i, code, v[1], v[2], v[3])
+                    self.base[i] = (a.debits, a.credits)
+            codes, ids = rest, rest_ids
         if not codes and not ids:
             return
         # PostgreSQL: rows locked in id order (workers never deadlock). SQLite: the batch already holds the one
@@ -487,8 +635,9 @@ class _Batch:
             lists = [(list(codes), "text")] + ([(ids, "bigint")] if ids else [])
         else:
             where = "code {IN1} OR id {IN2}" if ids else "code {IN1}"
-            sql = (f"SELECT id, code, flags, debits_posted, credits_posted FROM accounts WHERE {where} "
-                   "ORDER BY id {FOR_UPDATE}")
+            # built on a batch in flight: read now, locked (and checked) at the end — see _verify_prior
+            lock = "" if self.prior is not None else "{FOR_NO_KEY_UPDATE}"
+            sql = f"SELECT id, code, flags, debits_posted, credits_posted FROM accounts WHERE {where} ORDER BY id {lock}"
             lists = [(sorted(codes), "text")] + ([(ids, "bigint")] if ids else [])
         for aid, code, flags, dr, cr in self.store.select(sql, lists):
             if aid in self.base:  # already loaded (and maybe changed) in this batch
@@ -734,7 +883,8 @@ class _Batch:
         assert self.deltas is not None
         bw = BulkWrite(self.store.dialect)
         bw.insert(transfers, TRANSFER_COLUMNS, self.new_transfers, converted=True)
-        bw.balance_deltas(self.deltas)
+        if self.pipe is None:
+            bw.balance_deltas(self.deltas)
         pick = operator.itemgetter(*HOST_PLAIN_COLUMNS)
         dates, now_db = self.date_db, self.now_db
         if self.sqlite:  # txn_time: usually a handful of distinct values per batch
@@ -747,9 +897,37 @@ class _Batch:
             times = {r["txn_time"]: r["txn_time"] for r in self.new_rows}
         bw.insert(host_txns, HOST_COLUMNS, [(*pick(r), dates[r["business_date"]], times[r["txn_time"]], now_db)
                                             for r in self.new_rows], converted=True)
-        self.store.bulk(bw)
+        if self.pipe is None:
+            self.store.bulk(bw)
+        else:  # the PostgreSQL writer's pipeline: rows after those of the batch before, balances once it committed
+            prior = self.prior
+            if prior is not None:
+                await_(prior.inserted.wait())
+            self.store.bulk(bw)
+            self.pipe.inserted()
+            if prior is not None:
+                await_(prior.wait_committed())
+                self._verify_prior()
+            balances = BulkWrite(self.store.dialect)
+            balances.balance_deltas(self.deltas)
+            self.store.bulk(balances)
         if self.status_updates:
             self.store.set_status(sorted(self.status_updates.items()))
+
+    def _verify_prior(self) -> None:
+        """A batch built on the one before it, now that one committed: lock every account it read (id order, as a
+        plain batch does at load) and check that each beneficiary account is as the batch assumed — the balance
+        its decisions rest on. Accounts without that rule (provider payables, funds) take their changes as
+        deltas and need no check. Anything else moved it (another worker, a card replaced): :class:`PipelineConflict`."""
+        ids = sorted(self.accts_by_id)
+        rows = self.store.select("SELECT id, debits_posted, credits_posted FROM accounts WHERE id {IN1} "
+                                 "ORDER BY id {FOR_NO_KEY_UPDATE}", [(ids, "bigint")])
+        if len(rows) != len(ids):
+            raise PipelineConflict("an account the batch read is gone")
+        base, by_id = self.base, self.accts_by_id
+        for aid, dr, cr in rows:
+            if by_id[aid].flags & FLAG_NO_OVERDRAFT and base[aid] != (dr, cr):
+                raise PipelineConflict(f"account {aid} moved since the batch read it")
 
 
 class _SaStore:
@@ -979,23 +1157,20 @@ def _run_raw_sqlite(raw: Any, dialect: Any, reqs: list[TxnRequest], cutoff: Cuto
     return out
 
 
-def _run_batch(store: _SaStore | _RawSqliteStore, reqs: list[TxnRequest], cutoff: Cutoff,
-               authoriser: Authoriser | None = None) -> list[TxnOutcome | BaseException]:
-    return _finish_batch(_Batch(store, reqs, cutoff, authoriser))
-
-
 def _finish_batch(batch: _Batch) -> list[TxnOutcome | BaseException]:
     batch.load()
     out = batch.apply()
     batch.check_invariants()
+    if batch.pipe is not None:
+        batch.pipe.publish(batch)
     batch.write()
     return out
 
 
-def run_batch_sync(conn: Connection, reqs: list[TxnRequest], cutoff: Cutoff,
-                   authoriser: Authoriser | None = None) -> list[TxnOutcome | BaseException]:
+def run_batch_sync(conn: Connection, reqs: list[TxnRequest], cutoff: Cutoff, authoriser: Authoriser | None = None,
+                   pipe: _Pipe | None = None) -> list[TxnOutcome | BaseException]:
     """Authorise, apply and write one batch inside the caller's write transaction (the writer's unit of work)."""
-    return _run_batch(_SaStore(conn), reqs, cutoff, authoriser)
+    return _finish_batch(_Batch(_SaStore(conn), reqs, cutoff, authoriser, pipe=pipe))
 
 
 class GroupCommitWriter:
@@ -1003,8 +1178,12 @@ class GroupCommitWriter:
 
     def __init__(self, engine: AsyncEngine, cutoff: Cutoff | None = None, *,
                  window_ms: float = GROUP_COMMIT_WINDOW_MS, max_batch: int = GROUP_COMMIT_MAX_BATCH,
-                 authoriser: Authoriser | None = None):
+                 authoriser: Authoriser | None = None, pipeline: bool | None = None):
         self.engine = engine
+        # PostgreSQL: the next purchase batch is prepared while the one before it commits (see _run_pipelined)
+        self.pipeline = (PG_PIPELINE if pipeline is None else pipeline) and engine.dialect.name == "postgresql"
+        self._flights: set[asyncio.Task[None]] = set()
+        self._last_flight: _Flight | None = None  # the newest batch of the pipeline (tests wait on its steps)
         self.authoriser = authoriser
         self.cutoff = cutoff or Cutoff()
         self.window_s = window_ms / 1000.0
@@ -1027,7 +1206,8 @@ class GroupCommitWriter:
 
     async def start(self) -> None:
         if self._task is None:
-            self._task = asyncio.create_task(self._run(), name="carepay-group-commit")
+            run = self._run_pipelined() if self.pipeline else self._run()
+            self._task = asyncio.create_task(run, name="carepay-group-commit")
 
     async def stop(self) -> None:
         """Finish what is queued, then stop."""
@@ -1038,6 +1218,8 @@ class GroupCommitWriter:
         with contextlib.suppress(asyncio.CancelledError):
             await self._task
         self._task = None
+        if self._flights:  # answered already (drained): let them finish their last steps
+            await asyncio.gather(*self._flights, return_exceptions=True)
         await self._release()
         if self._checkpointer is not None:
             await asyncio.to_thread(self._checkpointer.stop)
@@ -1113,10 +1295,36 @@ class GroupCommitWriter:
                 ahead[1].add_done_callback(lambda t, b=ahead[0]: self._answer(
                     b, t.result() if not t.cancelled() else [LedgerError("ledger writer stopped")] * len(b)))
 
-    async def _write_all(self, batch: list[TxnRequest]) -> list[TxnOutcome | BaseException]:
+    async def _run_pipelined(self) -> None:
+        """PostgreSQL: a batch starts as soon as the one before it has applied — while that one still writes
+        and commits — building on its results (:class:`_Prior`): the client prepares the next batch while the
+        server works on this one. The next batch's rows are written once this one's are, its balances are
+        locked and checked only once this one committed (:meth:`_Batch._verify_prior`); when its assumptions
+        fail it is rolled back and run again plainly. Batches holding voids, refunds or reversals run plainly
+        (after the batch before has ended)."""
+        before: _Flight | None = None
+        while True:
+            if before is not None:
+                await before.applied.wait()
+            flight = self._last_flight = _Flight(await self._collect(), before)
+            task = asyncio.create_task(self._fly(flight), name="carepay-group-commit-batch")
+            self._flights.add(task)
+            task.add_done_callback(self._flights.discard)
+            before = flight
+
+    async def _fly(self, flight: _Flight) -> None:
+        try:
+            results = await self._write_all(flight.reqs, flight)
+        finally:
+            flight.applied.set()
+            flight.ended.set()
+            flight.before = None  # ended after the batch before it: drop the link (no chain of past batches)
+        self._answer(flight.reqs, results)
+
+    async def _write_all(self, batch: list[TxnRequest], flight: _Flight | None = None) -> list[TxnOutcome | BaseException]:
         """The batch's results; a failure after retries becomes every request's :class:`LedgerError`."""
         try:
-            return await self._write(batch)
+            return await self._write(batch, flight)
         except Exception as exc:  # every request of the batch learns of the failure
             log.exception("ledger batch of %d failed: %s", len(batch), type(exc).__name__)
             return [LedgerError(f"ledger batch failed: {type(exc).__name__}")] * len(batch)
@@ -1177,12 +1385,38 @@ class GroupCommitWriter:
             self._handed.set()  # run_sync sends the batch's first statement before it first waits
             return await conn.run_sync(run_batch_sync, batch, self.cutoff, self.authoriser)
 
-    async def _write(self, batch: list[TxnRequest]) -> list[TxnOutcome | BaseException]:
+    async def _write_flight(self, flight: _Flight, attempt: int) -> list[TxnOutcome | BaseException]:
+        """One attempt of a pipelined batch (PostgreSQL): built on the batch before while that one is in flight
+        (first attempt only), else plainly once that one has ended."""
+        prior = flight.builds_on() if attempt == 0 else None
+        if prior is None and flight.before is not None:
+            await flight.before.ended.wait()
+        pipe = _Pipe(flight, prior, asyncio.get_running_loop())
+        committed = False
+        try:
+            async with write_transaction(self.engine) as conn:
+                results = await conn.run_sync(run_batch_sync, flight.reqs, self.cutoff, self.authoriser, pipe)
+            committed = True
+        finally:
+            pipe.end(committed)
+        if prior is not None:
+            self.stats.pipelined += 1
+        return results
+
+    async def _write(self, batch: list[TxnRequest], flight: _Flight | None = None) -> list[TxnOutcome | BaseException]:
         retryable = self._retryable
         for attempt in range(BATCH_RETRIES):
             t0 = _time.perf_counter()
             try:
-                results = await self._write_once(batch)
+                if flight is not None:
+                    results = await self._write_flight(flight, attempt)
+                else:
+                    results = await self._write_once(batch)
+            except PipelineConflict as exc:  # built on assumptions that did not hold: again, plainly
+                self.stats.redone += 1
+                metrics.PIPELINE_REDONE.inc()
+                log.info("pipelined ledger batch of %d run again plainly: %s", len(batch), exc)
+                continue
             except retryable as exc:  # unique race/deadlock/busy: reload, retry
                 self.stats.retries += 1
                 if attempt == BATCH_RETRIES - 1:

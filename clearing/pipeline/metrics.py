@@ -32,5 +32,7 @@ DECISIONS = _counter("carepay_clearing_decisions", "Host transactions answered b
                      ("type", "code"))
 SUSPECTED_FORGERY = _counter("carepay_clearing_suspected_forgery",
                              "Card cryptograms that failed verification or were replayed (59)", ("reason",))
+PIPELINE_REDONE = _counter("carepay_ledger_pipeline_redone", "PostgreSQL ledger batches built on the batch before "
+                           "them whose assumptions did not hold, run again plainly", ())
 BATCH_SIZE = _histogram("carepay_group_commit_batch_size", "Requests posted per group-commit database transaction",
                         BATCH_BUCKETS)

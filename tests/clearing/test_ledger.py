@@ -144,7 +144,7 @@ async def test_init_db_is_versioned_and_idempotent(db: AsyncEngine) -> None:
     assert await init_db(db) == []
     async with db.connect() as conn:
         versions = list((await conn.execute(select(schema_migrations.c.version))).scalars())
-    assert versions == ["0001", "0002", "0003"]
+    assert versions == ["0001", "0002", "0003", "0004"]
     tables = set(await current_tables(db))
     assert set(metadata.tables) <= tables  # every registered table, other parts' too
     async with db.connect() as conn:

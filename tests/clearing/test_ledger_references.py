@@ -1,6 +1,6 @@
 """References between ledger rows hold on both backends: SQLite's foreign keys, PostgreSQL's set-based
-reference triggers (migration 0003) — a missing account or transfer is refused, a referenced one cannot go,
-and a bulk statement with one bad row fails as a whole. Also the PostgreSQL bulk-insert statement shape."""
+reference triggers (migrations 0003, 0004) — a missing account or transfer is refused, none can ever go
+(0004), and a bulk statement with one bad row fails as a whole. Also the PostgreSQL bulk-insert statement shape."""
 
 from __future__ import annotations
 
@@ -54,19 +54,27 @@ async def test_journal_row_to_a_missing_transfer_is_refused(db: AsyncEngine) -> 
             await conn.execute(update(host_txns).where(host_txns.c.rrn == out.row["rrn"]).values(transfer_id=10**9))
 
 
-async def test_referenced_account_and_transfer_cannot_be_deleted(db: AsyncEngine) -> None:
+async def test_accounts_and_transfers_are_permanent(db: AsyncEngine) -> None:
+    """Migration 0004: no ledger account or transfer is ever deleted or given another id — referenced or not."""
     await fund(db, 1_000)
     async with GroupCommitWriter(db) as w:
         out = await w.submit(req(1))
-    with pytest.raises(IntegrityError):
-        async with db.begin() as conn:
-            await conn.execute(delete(accounts).where(accounts.c.code == card_account(CARD, "voucher")))
-    with pytest.raises(IntegrityError):
-        async with db.begin() as conn:
-            await conn.execute(delete(transfers).where(transfers.c.id == out.row["transfer_id"]))
-    async with write_transaction(db) as conn:  # an unreferenced account may go (no transfers name it)
-        ids = await ensure_accounts(conn, ["expired:nursing"])
-        await conn.execute(delete(accounts).where(accounts.c.id == ids["expired:nursing"]))
+    async with write_transaction(db) as conn:
+        ids = await ensure_accounts(conn, ["expired:nursing"])  # an account nothing refers to yet
+    for stmt in (delete(accounts).where(accounts.c.code == card_account(CARD, "voucher")),
+                 delete(accounts).where(accounts.c.id == ids["expired:nursing"]),
+                 update(accounts).where(accounts.c.id == ids["expired:nursing"]).values(id=10**9),
+                 delete(transfers).where(transfers.c.id == out.row["transfer_id"]),
+                 update(transfers).where(transfers.c.id == out.row["transfer_id"]).values(id=10**9)):
+        with pytest.raises(IntegrityError):
+            async with db.begin() as conn:
+                await conn.execute(stmt)
+    async with db.connect() as conn:  # everything still there; other columns still change as before
+        assert (await conn.execute(select(func.count()).select_from(accounts).where(
+            accounts.c.id == ids["expired:nursing"]))).scalar_one() == 1
+        assert (await conn.execute(select(func.count()).select_from(transfers))).scalar_one() == 2
+    async with db.begin() as conn:
+        await conn.execute(update(accounts).where(accounts.c.id == ids["expired:nursing"]).values(flags=0))
 
 
 def test_pg_bulk_insert_binds_constant_columns_once() -> None:

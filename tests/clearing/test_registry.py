@@ -98,7 +98,7 @@ def test_registry_cli(tmp_path: Path) -> None:
     url = f"sqlite+aiosqlite:///{tmp_path / 'cli.db'}"
     r = CliRunner()
     res = r.invoke(app, ["clearing", "init-db", "--db", url, "--json"])
-    assert res.exit_code == 0 and json.loads(res.output)["applied"] == ["0001", "0002", "0003"]
+    assert res.exit_code == 0 and json.loads(res.output)["applied"] == ["0001", "0002", "0003", "0004"]
     res = r.invoke(app, ["clearing", "provider", "add", "--id", PID, "--name", "驿站", "--programs", "voucher",
                          "--categories", "meal,bathing", "--settle-account", "6222000011112222", "--db", url,
                          "--json"])
