@@ -103,8 +103,10 @@ RAW_SQLITE_BATCH = True
 """On SQLite, run each whole batch on the raw connection inside the aiosqlite thread (one thread hop)."""
 PG_PIPELINE = True
 """On PostgreSQL, prepare the next purchase batch while the one before it commits (see :class:`_Prior`)."""
-PIPELINE_WAIT_S = 30.0
-"""Longest a pipelined batch waits for the one before it to commit before it gives up and runs again plainly."""
+PIPELINE_WAIT_S = 5.0
+"""Longest a pipelined batch waits for the one before it to commit before it gives up and runs again plainly.
+Batches take tens of milliseconds; the bound is for the rare wait no database can see: the batch before waits
+on a lock held by another worker's batch, which waits on a key this batch wrote (a duplicate delivered to both)."""
 
 PURCHASE, ADVICE, VOID, REFUND, REVERSAL = "PURCHASE", "ADVICE", "VOID", "REFUND", "REVERSAL"
 SUCCESS, FAILED, REVERSED = "SUCCESS", "FAILED", "REVERSED"

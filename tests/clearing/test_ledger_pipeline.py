@@ -28,8 +28,6 @@ from clearing.windows import open_business_date
 from tests.clearing.conftest import drop_pg_schema, fresh_pg_engine
 from tests.clearing.test_ledger import NOW, fund, req
 
-pytestmark = pytest.mark.pg
-
 CARDS = [f"62188800000001{i:04d}0" for i in range(30)]
 X = CARDS[0]
 
@@ -54,6 +52,7 @@ async def wait_for(cond, what: str, timeout: float = 10.0) -> None:
         await asyncio.sleep(0.005)
 
 
+@pytest.mark.pg
 async def test_pipelined_batches_decide_as_if_one_after_another(pg: AsyncEngine) -> None:
     """600 purchases over 30 cards of 1,000 fen, in batches of at most 25: per card the approvals' balances
     after run down by exactly each amount in journal order, every 51 saw less than it asked for, the final
@@ -116,6 +115,7 @@ async def a_held_while_b_builds_on_it(pg: AsyncEngine, a: TxnRequest, b: TxnRequ
             yield w, fa, fb, trans
 
 
+@pytest.mark.pg
 async def test_a_balance_moved_meanwhile_makes_the_batch_run_again(pg: AsyncEngine) -> None:
     """A (card Y) is held in flight; B (300 on card X, 1,000 on it) is decided on the state as A leaves it and
     reads X unlocked — approve. Before B commits, 800 leave X elsewhere: B's check at its commit point finds X
@@ -136,6 +136,7 @@ async def test_a_balance_moved_meanwhile_makes_the_batch_run_again(pg: AsyncEngi
         assert await balance(conn, card_account(X, "voucher")) == 200
 
 
+@pytest.mark.pg
 async def test_a_failed_batch_before_makes_the_next_run_again(pg: AsyncEngine) -> None:
     """A is held in flight and then fails (its key was taken by a different request meanwhile); B had decided
     on A's result (400 left) — it runs again plainly on what committed: A posted nothing, B is approved from 1,000."""
@@ -149,3 +150,36 @@ async def test_a_failed_batch_before_makes_the_next_run_again(pg: AsyncEngine) -
     assert w.stats.redone >= 1
     async with pg.connect() as conn:
         assert await balance(conn, card_account(X, "voucher")) == 700
+
+
+async def test_only_purchase_batches_build_on_a_batch_in_flight() -> None:
+    """Voids, refunds and reversals read originals and tombstones a batch in flight has not committed: a batch
+    holding one, or following one, waits for the batch before it to end and runs plainly; so does any batch
+    after one that has ended, or whose state failed."""
+    from clearing.ledger import _Flight
+
+    class Published:  # the part of _Prior that builds_on reads
+        def __init__(self) -> None:
+            self.outcome = asyncio.get_running_loop().create_future()
+
+    def flight(*types: str, before: _Flight | None = None, published: bool = True) -> _Flight:
+        reqs = [req(n) for n in range(1, len(types) + 1)]
+        for r, t in zip(reqs, types, strict=True):
+            r.txn_type = t
+        f = _Flight(reqs, before)
+        f.prior = Published() if published else None  # type: ignore[assignment]
+        return f
+
+    a = flight("PURCHASE", "ADVICE")
+    assert flight("PURCHASE").builds_on() is None  # nothing before it
+    assert flight("PURCHASE", before=a).builds_on() is a.prior
+    assert flight("PURCHASE", "VOID", before=a).builds_on() is None
+    assert flight("PURCHASE", before=flight("PURCHASE", "REVERSAL")).builds_on() is None
+    assert flight("PURCHASE", before=flight("REFUND")).builds_on() is None
+    assert flight("PURCHASE", before=flight("PURCHASE", published=False)).builds_on() is None  # not applied yet
+    failed = flight("PURCHASE")
+    failed.prior.outcome.set_result(False)
+    assert flight("PURCHASE", before=failed).builds_on() is None
+    ended = flight("PURCHASE")
+    ended.ended.set()
+    assert flight("PURCHASE", before=ended).builds_on() is None
