@@ -458,10 +458,11 @@ async def prepare_fleet(db_url: str, n_terms: int, n_cards: int, seed: int) -> A
         await engine.dispose()
 
 
-def start_clearing(db_url: str, url: str, workers: int, mqtt_client: str = "lean") -> subprocess.Popen[str]:
+def start_clearing(db_url: str, url: str, workers: int, mqtt_client: str = "lean",
+                   ledger_process: bool = False) -> subprocess.Popen[str]:
     env = {**os.environ, "CAREPAY_MQTT_CLIENT": mqtt_client}
-    proc = spawn(["-m", "ops.cli", "clearing", "serve", "--db", db_url, "--mqtt", url, "--workers", str(workers)],
-                 env=env)
+    proc = spawn(["-m", "ops.cli", "clearing", "serve", "--db", db_url, "--mqtt", url, "--workers", str(workers)]
+                 + (["--ledger-process"] if ledger_process else []), env=env)
     wait_ready(proc, "clearing serve")
     return proc
 
@@ -624,7 +625,7 @@ async def run_bench(args: argparse.Namespace) -> int:
                                    "echo_p99_ms": round(echo_open.pct(0.99), 2),
                                    **cpu_fields("echo", echo_closed)}
         if not args.echo_only:
-            clearing = start_clearing(db_url, url, args.workers, args.mqtt_client)
+            clearing = start_clearing(db_url, url, args.workers, args.mqtt_client, args.ledger_process)
             try:
                 auth_closed, auth_open = await run_auth(url, world, agents, msgs, duration_s=duration_s,
                                                         closed_s=closed_s, rate=args.rate, links=args.links,
@@ -644,6 +645,7 @@ async def run_bench(args: argparse.Namespace) -> int:
                        "auth_open_done_per_s": round(auth_open.per_s), "auth_failed": auth_closed.failed
                        + auth_open.failed, "auth_open_missed": auth_open.missed, **summary, "auth_vs_echo": round(ratio, 3),
                        "card_sessions_per_s": round(card_rate), "workers": args.workers, "terminals": n_terms,
+                       "ledger_process": args.ledger_process,
                        "db": "postgresql" if db_url.startswith("postgresql") else "sqlite",
                        "invariants_ok": problems == [], **cpu_fields("auth", auth_closed),
                        "targets_met": ratio >= TARGET_ECHO_RATIO and auth_open.pct(0.99) <= TARGET_P99_MS}
@@ -667,6 +669,8 @@ def main() -> int:
     ap.add_argument("--mqtt-client", default="lean", choices=("aiomqtt", "lean"),
                     help="the clearing workers' MQTT client (default lean = protocol.transport's; or aiomqtt)")
     ap.add_argument("--echo-only", action="store_true", help="only the echo baseline")
+    ap.add_argument("--ledger-process", action="store_true",
+                    help="clearing serve --ledger-process: each worker's ledger in a process of its own")
     args = ap.parse_args()
     if args.role == "echo":
         asyncio.run(echo_responder(args.mqtt, args.name))

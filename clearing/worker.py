@@ -49,6 +49,7 @@ import aiomqtt
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from clearing import metrics
+from clearing.ledger_link import LedgerProcessClient, LedgerUnavailable
 from clearing.signon import SignOnService
 from clearing.terminal_keys import KEY_GRACE_S, TerminalKeySource, WorkingKeys, ensure_schema
 from protocol.messages import (
@@ -366,7 +367,14 @@ class ClearingWorker:
             return None, None
         try:
             handle = getattr(self._service, "handle_answered", None) or self._service.handle
-            answer = await handle(msg)
+            if getattr(self._service, "takes_payload", False):  # the ledger in its own process: the bytes go
+                answer = await handle(msg, payload)
+            else:
+                answer = await handle(msg)
+        except LedgerUnavailable as exc:  # it may have posted: no answer (the terminal reverses), never a decline
+            log.warning("no answer to %s %s: %s", msg.type, msg.msg_id, exc)
+            self.stats.errors += 1
+            return None, None
         except Exception:
             log.exception("clearing service failed on %s", msg.type)
             self.stats.errors += 1
@@ -411,16 +419,18 @@ async def clearing_runtime(engine: AsyncEngine, url: str, *, issuer_keys: Any, k
                            wkm: bytes, config: Any = None, embedded: bool = False, max_age_s: int = 300,
                            name: str = "w0", grace_s: int = KEY_GRACE_S,
                            ready_timeout_s: float = 10.0, service_process: bool = False,
-                           ) -> AsyncIterator[ClearingWorker]:
+                           ledger_argv: list[str] | None = None) -> AsyncIterator[ClearingWorker]:
     """A clearing service plus one worker on ``url``, running until the block ends (tests, serve, demo).
 
     ``service_process=True`` (``carepay clearing serve``: the process is the worker) also tunes the garbage
     collector once the worker is up (:func:`tune_gc`); tests and the demo share their process and leave it alone.
+    ``ledger_argv`` runs the clearing service in a child process (``clearing serve --ledger-process``).
     """
     from clearing.service import ClearingService
 
     await ensure_schema(engine)
-    service = ClearingService(engine, issuer_keys, config)
+    # ``ledger_argv``: the clearing service runs in a child process started with it (clearing.ledger_link)
+    service: Any = (LedgerProcessClient(ledger_argv) if ledger_argv else ClearingService(engine, issuer_keys, config))
     async with service:
         working = WorkingKeys(engine, wkm, grace_s=grace_s)
         log.info("working keys of %d terminals loaded", await working.preload())
@@ -432,7 +442,7 @@ async def clearing_runtime(engine: AsyncEngine, url: str, *, issuer_keys: Any, k
         except TimeoutError:
             task.cancel()
             raise ConnectionError(f"clearing worker could not subscribe on {url} within {ready_timeout_s} s") from None
-        sampler = asyncio.create_task(_sample_group_commit(service), name=f"group-commit-sampler-{name}")
+        sampler = asyncio.create_task(sample_group_commit(service), name=f"group-commit-sampler-{name}")
         if service_process:
             tune_gc()
             sys.setswitchinterval(WORKER_SWITCH_INTERVAL_S)
@@ -474,7 +484,7 @@ def tune_gc() -> None:
 GROUP_COMMIT_SAMPLE_S = 0.5
 
 
-async def _sample_group_commit(service: Any) -> None:
+async def sample_group_commit(service: Any) -> None:
     """Feed ``carepay_group_commit_batch_size`` from the writer's counters (the writer keeps totals only):
     each interval, every batch committed in it is observed at the interval's mean batch size."""
     stats = getattr(getattr(service, "writer", None), "stats", None)

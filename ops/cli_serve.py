@@ -147,7 +147,8 @@ async def _demo_setup(engine: Any, cards: Path | None) -> str:
 
 
 async def _serve(db_url: str, mqtt_url: str | None, workers: int, metrics_port: int, keystore: str | None,
-                 demo: bool, cards: Path | None, worker_index: int, max_age_s: int, as_json: bool) -> None:
+                 demo: bool, cards: Path | None, worker_index: int, max_age_s: int, as_json: bool,
+                 ledger_process: bool = False) -> None:
     from clearing.db import init_db, make_engine, url_for_display
     from clearing.metrics import serve_metrics
     from clearing.service import ClearingConfig
@@ -195,10 +196,17 @@ async def _serve(db_url: str, mqtt_url: str | None, workers: int, metrics_port: 
                 from clearing.terminal_keys import RegistryTerminalKeys
 
                 key_source = RegistryTerminalKeys(keys.terminal_keys, engine)  # SM2 public keys from the registry
+            ledger_argv = None
+            if ledger_process:  # clearing.ledger_link: the service in a child of this worker
+                ledger_argv = [sys.executable, "-m", "ops.ledger_child", "--db", db_url]
+                if keystore:
+                    ledger_argv += ["--keystore", keystore]
+                if metrics_port:
+                    ledger_argv += ["--metrics-port", str(metrics_port + workers + worker_index)]
             worker = await stack.enter_async_context(clearing_runtime(
                 engine, url, issuer_keys=keys.issuer_keys, key_source=key_source, wkm=keys.wkm,
                 config=ClearingConfig.from_settings(settings.clearing), embedded=embedded,
-                max_age_s=max_age_s, name=f"w{worker_index}", service_process=True))
+                max_age_s=max_age_s, name=f"w{worker_index}", service_process=True, ledger_argv=ledger_argv))
             if worker_index == 0:
                 for i in range(1, workers):
                     args = [sys.executable, "-m", "ops.cli", "clearing", "serve", "--db", db_url, "--mqtt", url,
@@ -207,13 +215,16 @@ async def _serve(db_url: str, mqtt_url: str | None, workers: int, metrics_port: 
                         args += ["--metrics-port", str(metrics_port)]
                     if keystore:
                         args += ["--keystore", keystore]
+                    if ledger_process:
+                        args += ["--ledger-process", "--workers", str(workers)]
                     procs.append(subprocess.Popen(args, stdout=subprocess.PIPE, stderr=None))
                 for p in procs:
                     assert p.stdout is not None
                     line = await asyncio.wait_for(asyncio.to_thread(p.stdout.readline), WORKER_READY_TIMEOUT_S)
                     if b"ready" not in line:
                         raise CarepayError("a clearing worker process did not start")
-                info = {"ready": True, "workers": workers, "mqtt": url, "embedded_broker": embedded,
+                info = {"ready": True, "workers": workers, "ledger_process": ledger_process, "mqtt": url,
+                        "embedded_broker": embedded,
                         "db": url_for_display(db_url), "metrics_port": metrics_port or None,
                         "demo_keys": keys.demo, "setup": notes}
                 if as_json:
@@ -462,12 +473,17 @@ def register(app: typer.Typer) -> None:
                                       "(default: configuration, 300 s)."),
         worker_index: int = typer.Option(0, "--worker-index", hidden=True),
         as_json: bool = typer.Option(False, "--json", help="Print the ready line as one JSON document."),
+        ledger_process: bool = typer.Option(False, "--ledger-process", help="Run each worker's ledger "
+                                            "(authorisation pipeline, group-commit writer) in a process of its "
+                                            "own beside it: two cores per worker (its metrics on PORT+WORKERS+i)."),
     ) -> None:
         """Run the clearing workers: MAC check, de-duplication, authorisation, group-committed posting.
 
         Runs until Ctrl-C / SIGTERM. Prints one 'clearing ready' line when subscribed.
 
         Example: carepay clearing serve --demo --cards cards.json --metrics-port 9100
+
+        Example: carepay clearing serve --db postgresql+asyncpg://clearing@db/clearing --workers 2 --ledger-process
         """
         settings = load_settings()
         db_url = db or settings.resolved_db_url()
@@ -477,7 +493,7 @@ def register(app: typer.Typer) -> None:
             _check_url(mqtt)
         try:
             asyncio.run(_serve(db_url, mqtt, workers, metrics_port, keystore, demo, cards, worker_index,
-                               max_age_s or settings.clearing.message_max_age_s, as_json))
+                               max_age_s or settings.clearing.message_max_age_s, as_json, ledger_process))
         except (OSError, ConnectionError) as exc:
             raise CarepayError(f"clearing could not start: {exc}") from None
 
