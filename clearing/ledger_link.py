@@ -36,6 +36,8 @@ MAX_FRAME_BODY = 1 << 20
 """Largest frame body either side accepts (a batch upload of a full terminal batch is well under it)."""
 READY_WAIT_S = 10.0
 """How long a request waits for a (re)starting ledger process before it is left unanswered."""
+START_TIMEOUT_S = 60.0
+"""How long :meth:`LedgerProcessClient.start` waits for the first ledger process to be ready."""
 RESTART_DELAY_S = 0.5
 READ_CHUNK = 1 << 16
 
@@ -128,20 +130,30 @@ class LedgerProcessClient:
         self._out: list[bytes] = []
         self._flush_scheduled = False
         self._ready = asyncio.Event()
+        self._exited = asyncio.Event()  # a ledger process has exited (start() stops waiting for the first)
         self._stopping = False
         self._supervisor: asyncio.Task[None] | None = None
         self.restarts = 0
 
     def __repr__(self) -> str:
-        return f"LedgerProcessClient(pid={self._proc.pid if self._proc else None}, pending={len(self._pending)})"
-
-    @property
-    def pid(self) -> int | None:
-        return self._proc.pid if self._proc is not None else None
+        return (f"LedgerProcessClient(pid={self._proc.pid if self._proc else None}, pending={len(self._pending)}, "
+                f"restarts={self.restarts})")
 
     async def start(self) -> None:
+        """Start the ledger process and wait until it is ready; :class:`LedgerUnavailable` when it exits first
+        (its reason is on stderr: a database it cannot open, keys it cannot read) or is not ready in time."""
         await self._spawn()
         self._supervisor = asyncio.create_task(self._supervise(), name="carepay-ledger-link")
+        ready = asyncio.ensure_future(self._ready.wait())
+        exited = asyncio.ensure_future(self._exited.wait())
+        try:
+            await asyncio.wait({ready, exited}, timeout=START_TIMEOUT_S, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            ready.cancel()
+            exited.cancel()
+        if not self._ready.is_set():
+            await self.stop()
+            raise LedgerUnavailable("the ledger process did not start (see its messages above)")
 
     async def stop(self) -> None:
         """Close the child's input (it finishes what it holds and exits), then wait for it."""
@@ -213,6 +225,7 @@ class LedgerProcessClient:
                 with contextlib.suppress(ProcessLookupError):
                     proc.kill()
             code = await proc.wait()
+            self._exited.set()
             self._ready.clear()
             lost = self._fail_pending()
             if self._stopping:
@@ -220,6 +233,8 @@ class LedgerProcessClient:
             log.error("ledger process %s exited (%s); %d request(s) left unanswered; restarting",
                       proc.pid, code, lost)
             await asyncio.sleep(RESTART_DELAY_S)
+            if self._stopping:
+                return
             self.restarts += 1
             try:
                 await self._spawn()

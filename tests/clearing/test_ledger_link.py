@@ -1,5 +1,7 @@
-"""The worker ↔ ledger-process link's framing (clearing.ledger_link): frames survive any split of the byte
-stream; garbage is a FrameError (or, for an answer, the service's failure as RuntimeError), never anything else."""
+"""The worker ↔ ledger-process link (clearing.ledger_link): frames survive any split of the byte stream; garbage
+is a FrameError (or, for an answer, the service's failure as RuntimeError), never anything else; a ledger process
+that cannot start is reported by ``start()``. (The link serving real traffic, a killed ledger process and its
+restart: tests/e2e/test_worker_process.py.)"""
 
 from __future__ import annotations
 
@@ -64,3 +66,18 @@ def test_a_garbled_answer_is_a_frame_error_or_the_services_failure(body: bytes) 
         read_answer("T0000001", body)
     except (FrameError, RuntimeError):
         pass
+
+
+async def test_a_ledger_process_that_cannot_start_is_reported_at_once() -> None:
+    """``start()`` returns only once the child is ready; a child that exits first (a database it cannot open,
+    keys it cannot read) is :class:`LedgerUnavailable` there and then — ``clearing serve`` never says ready."""
+    import sys
+    import time
+
+    from clearing.ledger_link import LedgerProcessClient, LedgerUnavailable
+
+    client = LedgerProcessClient([sys.executable, "-c", "import sys; sys.exit(3)"])
+    t0 = time.monotonic()
+    with pytest.raises(LedgerUnavailable, match="did not start"):
+        await client.start()
+    assert time.monotonic() - t0 < 10
