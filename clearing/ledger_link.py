@@ -27,6 +27,7 @@ import struct
 from collections.abc import Sequence
 from typing import Any
 
+from clearing import metrics
 from protocol.messages import Answered, Message
 
 log = logging.getLogger("carepay.clearing.ledger_link")
@@ -232,10 +233,12 @@ class LedgerProcessClient:
                 return
             log.error("ledger process %s exited (%s); %d request(s) left unanswered; restarting",
                       proc.pid, code, lost)
+            metrics.LEDGER_UNANSWERED.inc(lost)
             await asyncio.sleep(RESTART_DELAY_S)
             if self._stopping:
                 return
             self.restarts += 1
+            metrics.LEDGER_PROCESS_RESTARTS.inc()
             try:
                 await self._spawn()
             except OSError as exc:

@@ -47,6 +47,11 @@ REFUSED = _counter("carepay_refused_messages",
                    "Messages refused before processing (malformed, stale, replayed, wrong topic, unknown terminal)",
                    ("reason",))
 SIGN_ONS = _counter("carepay_sign_ons", "Sign-on steps answered", ("step", "code"))
+LEDGER_PROCESS_RESTARTS = _counter("carepay_ledger_process_restarts",
+                                   "Ledger processes (clearing serve --ledger-process) started again after one died")
+LEDGER_UNANSWERED = _counter("carepay_ledger_unanswered",
+                             "Requests left unanswered because the ledger process ended before it answered "
+                             "(the terminals reverse them)")
 
 
 def serve_metrics(port: int, addr: str = "127.0.0.1") -> None:

@@ -117,6 +117,8 @@ async def test_ledger_process_serves_and_is_restarted_when_killed(harness: Harne
         # metrics: the worker's on PORT (answers), its ledger process's on PORT+WORKERS (decisions, batches)
         worker_metrics, ledger_metrics = [await asyncio.to_thread(scrape, p) for p in (port, port + 1)]
         assert 'carepay_auth_requests_total{code="00",type="purchase"}' in worker_metrics
+        assert "carepay_ledger_process_restarts_total 1.0" in worker_metrics
+        assert "carepay_ledger_unanswered_total 1.0" in worker_metrics  # the held purchase
         assert 'carepay_clearing_decisions_total{code="00",type="purchase"} 6.0' in ledger_metrics  # the new one's
         assert "carepay_group_commit_batch_size_count" in ledger_metrics
     finally:
