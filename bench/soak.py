@@ -10,6 +10,7 @@ the violations and the exit code is 1: put the seed into ``tests/soak/test_soak.
     .venv/bin/python bench/soak.py --quick         # 2,100 transactions
     .venv/bin/python bench/soak.py --seeds 1,2,3 --txns 30000
     .venv/bin/python bench/soak.py --pg postgresql+asyncpg://postgres@127.0.0.1:5432/test
+    .venv/bin/python bench/soak.py --ledger-process --txns 20000   # workers as clearing serve --ledger-process
 """
 
 from __future__ import annotations
@@ -51,11 +52,13 @@ async def main(args: argparse.Namespace) -> int:
             cfg = SoakConfig(seed=seed, workdir=Path(tmp), terminals=terminals, cards=terminals * 10,
                              txns_per_phase=per_phase, workers=args.workers, links=max(1, terminals // 12),
                              answer_timeout_s=args.answer_timeout_s, card_mode=args.card_mode,
-                             mid_phase_check_s=args.mid_check_s, pg_url=args.pg, verbose=args.verbose)
+                             mid_phase_check_s=args.mid_check_s, pg_url=args.pg, verbose=args.verbose,
+                             ledger_process=args.ledger_process)
             report = await run_soak(cfg)
         reports.append(report)
         widths = [16, 8, 9, 9, 60]
-        print(f"\nseed {seed}: {terminals} terminals, {cfg.cards} cards, {cfg.workers} clearing worker processes, "
+        print(f"\nseed {seed}: {terminals} terminals, {cfg.cards} cards, {cfg.workers} clearing worker processes"
+              f"{' (each with a ledger process)' if cfg.ledger_process else ''}, "
               f"{'PostgreSQL' if args.pg else 'SQLite'}, card path {cfg.card_mode}")
         print(_row(["phase", "txns", "seconds", "txn/s", "faults / violations"], widths))
         for p in report.phases:
@@ -88,7 +91,7 @@ async def main(args: argparse.Namespace) -> int:
                       "invariant_checks": checks, "violations": violations, "seeds": seeds,
                       "failing_seeds": failing, "elapsed_s": round(elapsed, 1), "terminals": terminals,
                       "workers": args.workers, "db": "postgresql" if args.pg else "sqlite",
-                      "card_mode": args.card_mode}))
+                      "card_mode": args.card_mode, "ledger_process": args.ledger_process}))
     return 1 if failing else 0
 
 
@@ -105,4 +108,6 @@ if __name__ == "__main__":
     p.add_argument("--mid-check-s", type=float, default=5.0, help="ledger invariant checks while traffic flows")
     p.add_argument("--pg", default=None, help="PostgreSQL URL (a fresh schema) instead of SQLite")
     p.add_argument("--verbose", action="store_true")
+    p.add_argument("--ledger-process", action="store_true",
+                   help="each worker's clearing service in a child process (clearing serve --ledger-process)")
     sys.exit(asyncio.run(main(p.parse_args())))

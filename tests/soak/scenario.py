@@ -81,6 +81,8 @@ class SoakConfig:
     """When > 0, the ledger invariants are also checked this often while traffic flows."""
     pg_url: str | None = None
     """PostgreSQL instead of the SQLite file: a fresh schema for the run, dropped afterwards."""
+    ledger_process: bool = False
+    """Each worker runs its clearing service in a child process (``clearing serve --ledger-process``)."""
     verbose: bool = False
 
 
@@ -222,9 +224,11 @@ class Duplicator:
 class WorkerProcs:
     """N clearing worker processes on the shared subscription (``tests/soak/worker_main.py``)."""
 
-    def __init__(self, db_url: str, mqtt_url: str, n: int, logdir: Path, pg_schema: str = "") -> None:
+    def __init__(self, db_url: str, mqtt_url: str, n: int, logdir: Path, pg_schema: str = "",
+                 ledger_process: bool = False) -> None:
         self.db_url, self.mqtt_url, self.n, self.logdir = db_url, mqtt_url, n, logdir
         self.pg_schema = pg_schema
+        self.ledger_process = ledger_process
         self.procs: dict[str, subprocess.Popen[str]] = {}
         self.clock_offset_s = 0.0
 
@@ -233,7 +237,7 @@ class WorkerProcs:
         return subprocess.Popen(
             [sys.executable, "-m", "tests.soak.worker_main", "--db", self.db_url, "--mqtt", self.mqtt_url,
              "--name", name, "--clock-offset-s", str(self.clock_offset_s), "--log", str(self.logdir / f"{name}.log"),
-             "--pg-schema", self.pg_schema],
+             "--pg-schema", self.pg_schema] + (["--ledger-process"] if self.ledger_process else []),
             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=(self.logdir / f"{name}.err").open("a"), text=True)
 
     async def _wait_ready(self, name: str, proc: subprocess.Popen[str]) -> None:
@@ -319,7 +323,8 @@ class Soak:
         self.engine = engine
         self.broker = MosquittoProcess(cfg.workdir / "mosquitto")
         await asyncio.to_thread(self.broker.start)
-        self.workers = WorkerProcs(db_url, self.broker.url, cfg.workers, cfg.workdir, self.pg_schema)
+        self.workers = WorkerProcs(db_url, self.broker.url, cfg.workers, cfg.workdir, self.pg_schema,
+                                   cfg.ledger_process)
         self.dup = Duplicator(self.broker.url, random.Random(f"{cfg.seed}|dup"))
         try:
             await self.workers.start()

@@ -69,3 +69,15 @@ async def test_soak_seed_on_postgresql(seed: int, tmp_path: Path, pg_url: str) -
     assert report.violations == [], f"seed {seed} failed on PostgreSQL: {report.violations[:10]}"
     assert report.checks >= len(PHASES) * 3
     assert report.transactions >= len(PHASES) * 24
+
+
+async def test_soak_with_ledger_processes(tmp_path: Path) -> None:
+    """Every fault with the workers as ``clearing serve --ledger-process`` runs them: each worker's clearing service
+    in a child process (a worker killed -9 leaves its child to finish what it holds and exit)."""
+    report = await run_soak(SoakConfig(seed=CI_SEEDS[0], workdir=tmp_path / "soak-lp", txns_per_phase=24,
+                                       ledger_process=True))
+    assert [p["name"] for p in report.to_dict()["phases"]] == list(PHASES)
+    assert report.violations == [], f"ledger-process soak failed: {report.violations[:10]}"
+    assert report.faults.get("broker_restarts") == 1 and report.faults.get("workers_killed") == 1
+    assert report.checks >= len(PHASES) * 3
+    assert report.transactions >= len(PHASES) * 24

@@ -2,8 +2,9 @@
 
 The same parts ``carepay clearing serve`` runs — clearing service, group-commit writer, MQTT worker on the
 shared subscription — with the public demo keys, and an optional host clock offset (``--clock-offset-s``)
-so the soak can put the host just before the daily cut-off. Prints ``READY`` once subscribed; stops
-cleanly on SIGTERM.
+so the soak can put the host just before the daily cut-off; ``--ledger-process`` runs the service in a child
+(``tests.soak.ledger_child_main``) as ``clearing serve --ledger-process`` does. Prints ``READY`` once subscribed;
+stops cleanly on SIGTERM.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import asyncio
 import signal
 import sys
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 
 async def main(args: argparse.Namespace) -> int:
@@ -27,8 +29,14 @@ async def main(args: argparse.Namespace) -> int:
     configure_logging(json=True, level="INFO", log_file=args.log, console_level="CRITICAL")
     offset = timedelta(seconds=args.clock_offset_s)
     engine = make_engine(args.db, pg_schema=args.pg_schema or None)
-    service = ClearingService(engine, IssuerKeySet.demo(), ClearingConfig(),
-                              clock=lambda: datetime.now(UTC) + offset)
+    service: Any = ClearingService(engine, IssuerKeySet.demo(), ClearingConfig(),
+                                   clock=lambda: datetime.now(UTC) + offset)
+    if args.ledger_process:  # as clearing serve --ledger-process: the service in a child of this worker
+        from clearing.ledger_link import LedgerProcessClient
+
+        service = LedgerProcessClient([sys.executable, "-m", "tests.soak.ledger_child_main", "--db", args.db,
+                                       "--clock-offset-s", str(args.clock_offset_s), "--pg-schema", args.pg_schema]
+                                      + (["--log", f"{args.log}.ledger"] if args.log else []))
     wkm = demo_working_key_master()
     working = WorkingKeys(engine, wkm)
     worker = ClearingWorker(args.mqtt, service, working, SignOnService(DemoTerminalKeys(), working, wkm),
@@ -62,4 +70,5 @@ if __name__ == "__main__":
     p.add_argument("--max-age-s", type=int, default=300)
     p.add_argument("--log", default=None)
     p.add_argument("--pg-schema", default="")
+    p.add_argument("--ledger-process", action="store_true")
     sys.exit(asyncio.run(main(p.parse_args())))
