@@ -419,18 +419,21 @@ async def clearing_runtime(engine: AsyncEngine, url: str, *, issuer_keys: Any, k
                            wkm: bytes, config: Any = None, embedded: bool = False, max_age_s: int = 300,
                            name: str = "w0", grace_s: int = KEY_GRACE_S,
                            ready_timeout_s: float = 10.0, service_process: bool = False,
-                           ledger_argv: list[str] | None = None) -> AsyncIterator[ClearingWorker]:
+                           ledger_argv: list[str] | None = None, ledger_env: dict[str, str] | None = None,
+                           ) -> AsyncIterator[ClearingWorker]:
     """A clearing service plus one worker on ``url``, running until the block ends (tests, serve, demo).
 
     ``service_process=True`` (``carepay clearing serve``: the process is the worker) also tunes the garbage
     collector once the worker is up (:func:`tune_gc`); tests and the demo share their process and leave it alone.
-    ``ledger_argv`` runs the clearing service in a child process (``clearing serve --ledger-process``).
+    ``ledger_argv`` runs the clearing service in a child process (``clearing serve --ledger-process``) with the
+    environment ``ledger_env`` (default: this process's).
     """
     from clearing.service import ClearingService
 
     await ensure_schema(engine)
     # ``ledger_argv``: the clearing service runs in a child process started with it (clearing.ledger_link)
-    service: Any = (LedgerProcessClient(ledger_argv) if ledger_argv else ClearingService(engine, issuer_keys, config))
+    service: Any = (LedgerProcessClient(ledger_argv, ledger_env) if ledger_argv
+                    else ClearingService(engine, issuer_keys, config))
     async with service:
         working = WorkingKeys(engine, wkm, grace_s=grace_s)
         log.info("working keys of %d terminals loaded", await working.preload())

@@ -196,9 +196,12 @@ async def _serve(db_url: str, mqtt_url: str | None, workers: int, metrics_port: 
                 from clearing.terminal_keys import RegistryTerminalKeys
 
                 key_source = RegistryTerminalKeys(keys.terminal_keys, engine)  # SM2 public keys from the registry
+            # child processes get the database URL in their environment, never on a command line (it may hold a
+            # password, and command lines are public on the machine)
+            child_env = {**os.environ, "CAREPAY_DB_URL": db_url}
             ledger_argv = None
             if ledger_process:  # clearing.ledger_link: the service in a child of this worker
-                ledger_argv = [sys.executable, "-m", "ops.ledger_child", "--db", db_url]
+                ledger_argv = [sys.executable, "-m", "ops.ledger_child"]
                 if keystore:
                     ledger_argv += ["--keystore", keystore]
                 if metrics_port:
@@ -206,10 +209,11 @@ async def _serve(db_url: str, mqtt_url: str | None, workers: int, metrics_port: 
             worker = await stack.enter_async_context(clearing_runtime(
                 engine, url, issuer_keys=keys.issuer_keys, key_source=key_source, wkm=keys.wkm,
                 config=ClearingConfig.from_settings(settings.clearing), embedded=embedded,
-                max_age_s=max_age_s, name=f"w{worker_index}", service_process=True, ledger_argv=ledger_argv))
+                max_age_s=max_age_s, name=f"w{worker_index}", service_process=True, ledger_argv=ledger_argv,
+                ledger_env=child_env))
             if worker_index == 0:
                 for i in range(1, workers):
-                    args = [sys.executable, "-m", "ops.cli", "clearing", "serve", "--db", db_url, "--mqtt", url,
+                    args = [sys.executable, "-m", "ops.cli", "clearing", "serve", "--mqtt", url,
                             "--worker-index", str(i), "--max-age-s", str(max_age_s)]
                     if metrics_port:
                         args += ["--metrics-port", str(metrics_port)]
@@ -217,7 +221,7 @@ async def _serve(db_url: str, mqtt_url: str | None, workers: int, metrics_port: 
                         args += ["--keystore", keystore]
                     if ledger_process:
                         args += ["--ledger-process", "--workers", str(workers)]
-                    procs.append(subprocess.Popen(args, stdout=subprocess.PIPE, stderr=None))
+                    procs.append(subprocess.Popen(args, stdout=subprocess.PIPE, stderr=None, env=child_env))
                 for p in procs:
                     assert p.stdout is not None
                     line = await asyncio.wait_for(asyncio.to_thread(p.stdout.readline), WORKER_READY_TIMEOUT_S)

@@ -2,9 +2,10 @@
 :mod:`clearing.ledger_link`): the clearing service — authorisation pipeline and group-commit writer — reading
 request frames on stdin and writing answer frames on stdout. Not a command for people: stdout is the link.
 
-    python -m ops.ledger_child --db URL [--keystore PATH] [--metrics-port N]
+    python -m ops.ledger_child [--db URL] [--keystore PATH] [--metrics-port N]
 
-Keys as ``clearing serve`` takes them (the key store named the same way, or the public demo keys); logs go to
+The database as configured (``clearing serve`` puts its URL in the child's ``CAREPAY_DB_URL``: a URL may hold a
+password, and command lines are public on the machine). Keys as ``clearing serve`` takes them (the key store named the same way, or the public demo keys); logs go to
 stderr; its Prometheus metrics (decisions, batch sizes, pipeline counters) on ``--metrics-port`` when given.
 """
 
@@ -26,13 +27,14 @@ async def main(argv: list[str] | None = None) -> None:
     from ops.config import load_settings
 
     ap = argparse.ArgumentParser(prog="python -m ops.ledger_child", description=__doc__.splitlines()[0])
-    ap.add_argument("--db", required=True)
+    ap.add_argument("--db", default=None, help="database URL (default: the configuration's, e.g. $CAREPAY_DB_URL "
+                    "— clearing serve passes it there, never on the command line)")
     ap.add_argument("--keystore", default=None)
     ap.add_argument("--metrics-port", type=int, default=0)
     args = ap.parse_args(argv)
     settings = load_settings()
     keys = load_host_keys(args.keystore, settings)
-    engine = make_engine(args.db)
+    engine = make_engine(args.db or settings.resolved_db_url())
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader()
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin.buffer)

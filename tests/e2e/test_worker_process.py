@@ -66,6 +66,10 @@ async def test_worker_killed_and_restarted_mid_run(harness: Harness) -> None:
 async def test_two_worker_processes_on_the_shared_subscription(harness: Harness) -> None:
     proc = start_serve(harness, workers=2)
     try:
+        with open(f"/proc/{proc.pid}/task/{proc.pid}/children") as f:
+            (second,) = [int(k) for k in f.read().split()]
+        with open(f"/proc/{second}/cmdline", "rb") as f:  # the database URL travels in the environment
+            assert str(harness.engine.url).encode() not in f.read()
         terms = [await harness.terminal(0), await harness.terminal(1)]
         outs = await _traffic(harness, terms, 8)
         assert all(o.approved for o in outs), [o.message for o in outs if not o.approved]
@@ -99,6 +103,8 @@ async def test_ledger_process_serves_and_is_restarted_when_killed(harness: Harne
         terms = [await harness.terminal(0), await harness.terminal(1)]
         first = ledger_children(proc.pid)
         assert len(first) == 1
+        with open(f"/proc/{first[0]}/cmdline", "rb") as f:  # the database URL travels in the environment
+            assert str(harness.engine.url).encode() not in f.read()
         warm = await _traffic(harness, terms, 2)
         assert all(o.approved for o in warm), [o.message for o in warm if not o.approved]
         os.kill(first[0], signal.SIGSTOP)
