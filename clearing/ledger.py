@@ -336,8 +336,11 @@ class _Prior:
 
     def __init__(self, batch: _Batch, before: _Prior | None, loop: asyncio.AbstractEventLoop):
         self.before = before
-        self.accts = {a.code: (a.id, a.flags, a.debits, a.credits) for a in batch.accts_by_id.values()}
-        self.codes_by_id = {a.id: a.code for a in batch.accts_by_id.values()}
+        # not the accounts this batch created: the next batch cannot refer to a row not yet committed (the reference
+        # check would fail it); it finds them missing, and its own insert of them waits for this batch's commit
+        self.accts = {a.code: (a.id, a.flags, a.debits, a.credits) for a in batch.accts_by_id.values()
+                      if a.code not in batch.created}
+        self.codes_by_id = {v[0]: code for code, v in self.accts.items()}
         self.max_atc = batch.max_atc  # (the batch no longer changes these once it applied)
         self.used = batch.used_counters
         self.by_key = {row["txn_key"]: row for row in batch.new_rows}
@@ -433,6 +436,7 @@ class _Batch:
         self.pipe = pipe  # PostgreSQL writer: its place in the pipeline
         self.prior = pipe.prior if pipe is not None else None  # built on a batch still in flight: accounts unlocked
         self.priors: list[_Prior] = []  # the prior and those it was built on, not committed when this one loaded
+        self.created: set[str] = set()  # account codes missing when loaded, created here (or found made meanwhile)
         self.reqs = reqs
         self.cutoff = cutoff
         self.authoriser = authoriser
@@ -540,6 +544,7 @@ class _Batch:
         missing = [code for code in codes if code not in self.accts and code not in optional]
         if missing:
             st.ensure_accounts(missing)
+            self.created.update(missing)
             self._lock_accounts(set(missing), [])
 
     def prescreen(self) -> None:

@@ -87,6 +87,14 @@ async def test_pipelined_batches_decide_as_if_one_after_another(pg: AsyncEngine)
     assert len({o.row["rrn"] for o in outs}) == 600
 
 
+HOLD_KEY_SQL = (
+    "INSERT INTO host_txns (rrn, txn_key, msg_key, request_hash, business_date, provider_id, terminal_id, "
+    "batch_no, trace_no, txn_type, amount_fen, fee_fen, txn_time, status, response_code, msg_id, message, "
+    "created_at) VALUES ('999999999999', :k, 'held:1', :h, '2026-03-10', 'P00000000000001', 'T0000009', "
+    "'000001', '000001', 'PURCHASE', 1, 0, :t, 'FAILED', '96', 'held', 'held', :t)")
+"""A journal row under batch A's key, inserted and kept uncommitted by another transaction: A's write waits on it."""
+
+
 @contextlib.asynccontextmanager
 async def a_held_while_b_builds_on_it(pg: AsyncEngine, a: TxnRequest, b: TxnRequest
                                       ) -> AsyncIterator[tuple[GroupCommitWriter, asyncio.Future, asyncio.Future,
@@ -101,12 +109,7 @@ async def a_held_while_b_builds_on_it(pg: AsyncEngine, a: TxnRequest, b: TxnRequ
         await ensure_accounts(conn, [provider_payable("P00000000000001")])
     async with pg.connect() as held:
         trans = await held.begin()
-        await held.execute(text(
-            "INSERT INTO host_txns (rrn, txn_key, msg_key, request_hash, business_date, provider_id, terminal_id, "
-            "batch_no, trace_no, txn_type, amount_fen, fee_fen, txn_time, status, response_code, msg_id, message, "
-            "created_at) VALUES ('999999999999', :k, 'held:1', :h, '2026-03-10', 'P00000000000001', 'T0000009', "
-            "'000001', '000001', 'PURCHASE', 1, 0, :t, 'FAILED', '96', 'held', 'held', :t)"),
-            {"k": a.txn_key, "h": "z" * 64, "t": NOW})
+        await held.execute(text(HOLD_KEY_SQL), {"k": a.txn_key, "h": "z" * 64, "t": NOW})
         async with GroupCommitWriter(pg, max_batch=1, window_ms=1) as w:
             fa = asyncio.ensure_future(w.submit(a))
             fb = asyncio.ensure_future(w.submit(b))
