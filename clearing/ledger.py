@@ -338,10 +338,10 @@ class _Prior:
         self.before = before
         # not the accounts this batch created: the next batch cannot refer to a row not yet committed (the reference
         # check would fail it); it finds them missing, and its own insert of them waits for this batch's commit
-        self.accts = {a.code: (a.id, a.flags, a.debits, a.credits) for a in batch.accts_by_id.values()
-                      if a.code not in batch.created}
-        self.codes_by_id = {v[0]: code for code, v in self.accts.items()}
-        self.max_atc = batch.max_atc  # (the batch no longer changes these once it applied)
+        # (the batch no longer changes its accounts, counters or rows once it applied; the next batch copies them)
+        self.accts = {a.code: a for a in batch.accts_by_id.values() if a.code not in batch.created}
+        self.accts_by_id = {a.id: a for a in self.accts.values()}
+        self.max_atc = batch.max_atc
         self.used = batch.used_counters
         self.by_key = {row["txn_key"]: row for row in batch.new_rows}
         self.by_msg = {row["msg_key"]: row for row in batch.new_rows}
@@ -593,47 +593,18 @@ class _Batch:
             self.screened.add(i)
 
     def _lock_accounts(self, codes: set[str], ids: list[int]) -> None:
-        accts, by_id = self.accts, self.accts_by_id
         if self.known is not None:  # SQLite: rows unchanged since this writer's last commit need no query
-            k_accts, k_by_id = self.known.accts, self.known.accts_by_id
-            base = self.base
-            rest = set()
-            for code in codes:
-                a = k_accts.get(code)
-                if a is None:
-                    rest.add(code)
-                elif a.id not in base:
-                    accts[code] = by_id[a.id] = a
-                    base[a.id] = (a.debits, a.credits)
-            rest_ids = []
-            for i in ids:
-                a = k_by_id.get(i)
-                if a is None:
-                    rest_ids.append(i)
-                elif i not in base:
-                    accts[a.code] = by_id[i] = a
-                    base[i] = (a.debits, a.credits)
-            codes, ids = rest, rest_ids
+            codes, ids = self._take_known(codes, ids, self.known.accts, self.known.accts_by_id, copy=False)
         if self.priors:  # accounts the batches in flight before this one change: as the newest left them
-            rest, rest_ids = set(), []
-            for code in codes:
-                v = next((p.accts[code] for p in self.priors if code in p.accts), None)
-                if v is None:
-                    rest.add(code)
-                elif v[0] not in self.base:
-                    a = accts[code] = by_id[v[0]] = _Acct(v[0], code, v[1], v[2], v[3])
-                    self.base[a.id] = (a.debits, a.credits)
-            for i in ids:
-                code = next((p.codes_by_id[i] for p in self.priors if i in p.codes_by_id), None)
-                if code is None:
-                    rest_ids.append(i)
-                elif i not in self.base:
-                    v = next(p.accts[code] for p in self.priors if code in p.accts)
-                    a = accts[code] = by_id[i] = _Acct(i, code, v[1], v[2], v[3])
-                    self.base[i] = (a.debits, a.credits)
-            codes, ids = rest, rest_ids
+            by_code: dict[str, _Acct] = {}
+            by_id: dict[int, _Acct] = {}
+            for p in reversed(self.priors):
+                by_code.update(p.accts)
+                by_id.update(p.accts_by_id)
+            codes, ids = self._take_known(codes, ids, by_code, by_id, copy=True)
         if not codes and not ids:
             return
+        accts, by_id = self.accts, self.accts_by_id
         # PostgreSQL: rows locked in id order (workers never deadlock). SQLite: the batch already holds the one
         # write lock (BEGIN IMMEDIATE) — no sort, one probe per code straight from the list (a row named both
         # by code and by id comes twice: skipped below); purchases only name codes.
@@ -652,6 +623,31 @@ class _Batch:
             a = _Acct(int(aid), code, int(flags), int(dr), int(cr))
             accts[code] = by_id[a.id] = a
             self.base[a.id] = (a.debits, a.credits)
+
+    def _take_known(self, codes: set[str], ids: list[int], known: dict[str, _Acct], known_by_id: dict[int, _Acct],
+                    copy: bool) -> tuple[set[str], list[int]]:
+        """The accounts among ``codes``/``ids`` already known (``known``/``known_by_id``) join the batch without a
+        query — ``copy``: as objects of its own (they belong to a batch still in flight) —; returns what is left."""
+        accts, by_id, base = self.accts, self.accts_by_id, self.base
+        rest: set[str] = set()
+        rest_ids: list[int] = []
+        for code in codes:
+            found = known.get(code)
+            if found is None:
+                rest.add(code)
+            elif found.id not in base:
+                a = _Acct(found.id, found.code, found.flags, found.debits, found.credits) if copy else found
+                accts[a.code] = by_id[a.id] = a
+                base[a.id] = (a.debits, a.credits)
+        for i in ids:
+            found = known_by_id.get(i)
+            if found is None:
+                rest_ids.append(i)
+            elif i not in base:
+                a = _Acct(found.id, found.code, found.flags, found.debits, found.credits) if copy else found
+                accts[a.code] = by_id[i] = a
+                base[i] = (a.debits, a.credits)
+        return rest, rest_ids
 
     def _remember(self, row: dict[str, Any]) -> None:
         self.by_key[row["txn_key"]] = row

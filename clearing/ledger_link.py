@@ -329,3 +329,19 @@ async def serve_link(service: Any, reader: asyncio.StreamReader, write: Any) -> 
     if tasks:
         await asyncio.gather(*list(tasks), return_exceptions=True)
     flush()
+
+
+async def serve_stdio(service: Any) -> None:
+    """:func:`serve_link` on this process's stdin and stdout (the ledger process's side of the link): stdout then
+    carries nothing but frames — ``print`` and anything else written to ``sys.stdout`` go to stderr."""
+    import os
+    import sys
+
+    reader = asyncio.StreamReader()
+    await asyncio.get_running_loop().connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin.buffer)
+    out = os.fdopen(os.dup(sys.stdout.fileno()), "wb", buffering=0)
+    sys.stdout = sys.stderr
+    try:
+        await serve_link(service, reader, out.write)
+    finally:
+        out.close()

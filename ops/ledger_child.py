@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import sys
 
 
 async def main(argv: list[str] | None = None) -> None:
     from clearing.db import make_engine
-    from clearing.ledger_link import serve_link
+    from clearing.ledger_link import serve_stdio
     from clearing.metrics import serve_metrics
     from clearing.service import ClearingConfig, ClearingService
     from clearing.worker import WORKER_SWITCH_INTERVAL_S, sample_group_commit, tune_gc
@@ -35,15 +34,6 @@ async def main(argv: list[str] | None = None) -> None:
     settings = load_settings()
     keys = load_host_keys(args.keystore, settings)
     engine = make_engine(args.db or settings.resolved_db_url())
-    loop = asyncio.get_running_loop()
-    reader = asyncio.StreamReader()
-    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin.buffer)
-    out = os.fdopen(os.dup(sys.stdout.fileno()), "wb", buffering=0)
-    sys.stdout = sys.stderr  # nothing but frames on the link
-
-    def write(data: bytes) -> None:
-        out.write(data)
-
     try:
         async with ClearingService(engine, keys.issuer_keys, ClearingConfig.from_settings(settings.clearing)) as svc:
             if args.metrics_port:
@@ -52,7 +42,7 @@ async def main(argv: list[str] | None = None) -> None:
             tune_gc()
             sys.setswitchinterval(WORKER_SWITCH_INTERVAL_S)
             try:
-                await serve_link(svc, reader, write)
+                await serve_stdio(svc)
             finally:
                 sampler.cancel()
     finally:

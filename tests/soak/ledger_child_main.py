@@ -7,14 +7,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
-import sys
 from datetime import UTC, datetime, timedelta
 
 
 async def main(args: argparse.Namespace) -> None:
     from clearing.db import make_engine
-    from clearing.ledger_link import serve_link
+    from clearing.ledger_link import serve_stdio
     from clearing.service import ClearingConfig, ClearingService
     from keys.issuer import IssuerKeySet
     from ops.logging import configure_logging
@@ -22,15 +20,10 @@ async def main(args: argparse.Namespace) -> None:
     configure_logging(json=True, level="INFO", log_file=args.log, console_level="CRITICAL")
     offset = timedelta(seconds=args.clock_offset_s)
     engine = make_engine(args.db, pg_schema=args.pg_schema or None)
-    loop = asyncio.get_running_loop()
-    reader = asyncio.StreamReader()
-    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin.buffer)
-    out = os.fdopen(os.dup(sys.stdout.fileno()), "wb", buffering=0)
-    sys.stdout = sys.stderr
     try:
         async with ClearingService(engine, IssuerKeySet.demo(), ClearingConfig(),
                                    clock=lambda: datetime.now(UTC) + offset) as svc:
-            await serve_link(svc, reader, out.write)
+            await serve_stdio(svc)
     finally:
         await engine.dispose()
 
