@@ -62,7 +62,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.util import await_
 
-from clearing.accounts import ensure_accounts_sync, spec_for
+from clearing.accounts import ensure_accounts_sync, provider_payable, spec_for
 from clearing.db import (
     WRITER_AUTOCHECKPOINT_PAGES,
     BulkWrite,
@@ -146,6 +146,12 @@ class IdempotencyConflict(Exception):
 
 class InvariantViolation(AssertionError):
     """A batch broke a ledger invariant; nothing of it is committed."""
+
+
+class JournalRaced(Exception):
+    """PostgreSQL: another worker committed, between this batch's read of the journal and its account locks,
+    a row the batch's decisions depend on (a reversal of a purchase it posts, the original of a reversal it
+    takes as a tombstone, a correction of an original it corrects): rolled back and run again on what committed."""
 
 
 class PipelineConflict(Exception):
@@ -455,6 +461,9 @@ class _Batch:
         self.by_msg: dict[str, dict[str, Any]] = {}
         self.by_rrn: dict[str, dict[str, Any]] = {}
         self.tombstones: set[str] = set()
+        self.made_tombstones: list[str] = []  # orig_key of reversals that found no original (here, now)
+        self.orig_rrns: list[str] = []  # the originals loaded (voids, refunds, reversals) ...
+        self.corrections_seen: set[str] = set()  # ... and the txn_key of every correction stored against them
         self.used_counters: set[str] = set()
         self.max_atc: dict[str, int] = {}
         self.atc_loaded: set[str] = set()  # cards whose highest stored counter was loaded (or known)
@@ -492,12 +501,16 @@ class _Batch:
             for row in st.host_rows(sorted(hit)):
                 self._remember(row)
             # originals: what has been voided/refunded against them, and their transfers' accounts
-            orig_rrns = list({row["rrn"] for row in self.by_rrn.values() if row["txn_type"] in DEBIT_TYPES})
-            for rrn, typ, total in st.select(
-                    "SELECT orig_rrn, txn_type, sum(amount_fen) FROM host_txns WHERE orig_rrn {IN} "
-                    "AND status = 'SUCCESS' AND txn_type IN ('VOID', 'REFUND') GROUP BY orig_rrn, txn_type",
+            wanted = set(orrns) | {self.by_key[r.orig_key]["rrn"] for r in self.reqs
+                                   if r.orig_key and r.orig_key in self.by_key}
+            orig_rrns = self.orig_rrns = [rrn for rrn, row in self.by_rrn.items()
+                                          if rrn in wanted and row["txn_type"] in DEBIT_TYPES]
+            for rrn, typ, amount, status, key in st.select(
+                    "SELECT orig_rrn, txn_type, amount_fen, status, txn_key FROM host_txns WHERE orig_rrn {IN}",
                     [(orig_rrns, "text")]):
-                self.consumed[rrn][typ] = int(total)
+                self.corrections_seen.add(key)
+                if status == SUCCESS and typ in (VOID, REFUND):
+                    self.consumed[rrn][typ] += int(amount)
             tids = list({row["transfer_id"] for row in self.by_rrn.values() if row.get("transfer_id")})
             for tid, dr, cr in st.select(
                     "SELECT id, debit_account_id, credit_account_id FROM transfers WHERE id {IN}", [(tids, "bigint")]):
@@ -537,10 +550,15 @@ class _Batch:
         # accounts, locked in id order (PostgreSQL) so concurrent workers serialise on shared accounts
         live = [r for r, d in zip(self.reqs, self.decl, strict=True) if d is None]  # declined: no money, no accounts
         codes = {r.debit for r in live if r.debit} | {r.credit for r in live if r.credit}
+        # PostgreSQL: a reversal locks its provider's payable as the purchase it undoes does, so the two serialise
+        # there and the later one's recheck sees the other's row (a tombstone against a purchase: _recheck_journal)
+        guards = set() if self.sqlite else {provider_payable(r.row["provider_id"]) for r in live
+                                           if r.txn_type == REVERSAL and r.row.get("provider_id")}
+        codes |= guards
         ids = sorted({a for pair in self.transfer_accounts.values() for a in pair})
         self._lock_accounts(codes, ids)
         # a card account the pipeline checks is never created here: missing, the balance participant declines 51
-        optional = {r.debit for r in live if r.auth is not None}
+        optional = {r.debit for r in live if r.auth is not None} | guards
         missing = [code for code in codes if code not in self.accts and code not in optional]
         if missing:
             st.ensure_accounts(missing)
@@ -790,6 +808,7 @@ class _Batch:
         orig = self.by_key.get(req.orig_key)
         if orig is None:
             self.tombstones.add(req.orig_key)
+            self.made_tombstones.append(req.orig_key)
             row["message"] = "original not received; a late original will not be posted"
             return
         row["orig_rrn"] = orig["rrn"]
@@ -884,6 +903,8 @@ class _Batch:
         if self.deltas is None:  # the balance changes come out of the invariant check: never one without it
             self.check_invariants()
         assert self.deltas is not None
+        if not self.sqlite and self.prior is None:  # the locks were taken at load (a pipelined batch: at its end)
+            self._recheck_journal()
         bw = BulkWrite(self.store.dialect)
         bw.insert(transfers, TRANSFER_COLUMNS, self.new_transfers, converted=True)
         if self.pipe is None:
@@ -931,6 +952,27 @@ class _Batch:
         for aid, dr, cr in rows:
             if by_id[aid].flags & FLAG_NO_OVERDRAFT and base[aid] != (dr, cr):
                 raise PipelineConflict(f"account {aid} moved since the batch read it")
+        self._recheck_journal()
+
+    def _recheck_journal(self) -> None:
+        """PostgreSQL, the batch's account locks held: the journal rows its decisions rest on are still as it read
+        them. Its reads came before its locks (READ COMMITTED), so another worker may have committed since —
+        a reversal of a purchase this batch posts (the terminal was told "reversed", the purchase would stand), the
+        original of a reversal this batch takes as a tombstone, another correction of an original it corrects.
+        Each of those holds a lock this batch now holds too (the card's or the provider's account), so it either
+        committed before this check, and is seen here, or waits for this batch's commit and sees it in its own
+        check. Seen: :class:`JournalRaced` — the batch is rolled back and run again on what committed.
+        SQLite needs none of it: its batch reads inside the one write lock."""
+        mine = {r["txn_key"] for r in self.new_rows}
+        posted = [r["txn_key"] for r in self.new_rows if r["txn_type"] in DEBIT_TYPES and r.get("transfer_id")]
+        if not (posted or self.made_tombstones or self.orig_rrns):
+            return
+        for kind, key in self.store.select(_PG_RECHECK, [(posted, "text"), (self.made_tombstones, "text"),
+                                                          (self.orig_rrns, "text")]):
+            if key in mine or (kind == "c" and key in self.corrections_seen):
+                continue
+            raise JournalRaced({"r": "a reversal of a purchase in the batch", "t": "the original of a tombstone",
+                                "c": "a correction of an original"}[kind] + " committed meanwhile")
 
 
 class _SaStore:
@@ -1026,6 +1068,10 @@ _PG_LOAD_KEYS = ("SELECT 'id', id, NULL FROM host_txns WHERE txn_key {IN1} "
                  "UNION ALL SELECT 'id', id, NULL FROM host_txns WHERE msg_key {IN2} "
                  "UNION ALL SELECT 'id', id, NULL FROM host_txns WHERE rrn {IN3} "
                  "UNION ALL SELECT 'tomb', NULL, orig_key FROM host_txns WHERE orig_key {IN4} AND txn_type = 'REVERSAL'")
+# _Batch._recheck_journal: what another worker may have committed since the batch read the journal
+_PG_RECHECK = ("SELECT 'r', txn_key FROM host_txns WHERE orig_key {IN1} AND txn_type = 'REVERSAL' "
+               "UNION ALL SELECT 't', txn_key FROM host_txns WHERE txn_key {IN2} "
+               "UNION ALL SELECT 'c', txn_key FROM host_txns WHERE orig_rrn {IN3}")
 _SQLITE_ACCOUNTS_BY_CODE = ("SELECT a.id, a.code, a.flags, a.debits_posted, a.credits_posted FROM {ROWS1} "
                             "JOIN accounts AS a ON a.code = r1.v")
 _SQLITE_ACCOUNTS_BY_ID = (" UNION ALL SELECT a.id, a.code, a.flags, a.debits_posted, a.credits_posted FROM {ROWS2} "
@@ -1420,7 +1466,7 @@ class GroupCommitWriter:
                 metrics.PIPELINE_REDONE.inc()
                 log.info("pipelined ledger batch of %d run again plainly: %s", len(batch), exc)
                 continue
-            except retryable as exc:  # unique race/deadlock/busy: reload, retry
+            except (*retryable, JournalRaced) as exc:  # unique race/deadlock/busy/journal moved: reload, retry
                 self.stats.retries += 1
                 if attempt == BATCH_RETRIES - 1:
                     raise
