@@ -1247,11 +1247,11 @@ class GroupCommitWriter:
         self._task: asyncio.Task[None] | None = None
         self._ahead_ok = engine.dialect.name == "sqlite" and RAW_SQLITE_BATCH
         self._handed = asyncio.Event()  # set once the batch being started ahead reached the database
-        self._known = _KnownState()
+        self._known = _KnownState()  # SQLite: accounts and card counters as of this writer's last commit
         self._checkpointer: WalCheckpointer | None = None  # SQLite file: see clearing.db.WalCheckpointer
         # asyncpg's errors only on PostgreSQL: on SQLite its import (~0.3 s) would land in the first batch
         self._retryable = _retryable_errors(engine.dialect.name == "postgresql")
-        self._conn: tuple[AsyncConnection, Any] | None = None  # SQLite: see _sqlite_connection  # SQLite: accounts and card counters as of this writer's last commit
+        self._conn: tuple[AsyncConnection, Any] | None = None  # SQLite: see _sqlite_connection
 
     async def start(self) -> None:
         if self._task is None:
