@@ -23,6 +23,12 @@ writer task takes up to :data:`GROUP_COMMIT_MAX_BATCH` of them, waiting at most
    ``UPDATE`` per touched account; rows are built in the driver's types (dates and times
    as SQLite text once per distinct value).
 
+On PostgreSQL a batch reads the journal (step 1) before its account locks, and under READ COMMITTED another
+worker may commit in between; so, the locks held and before it commits, it rechecks the journal rows its
+decisions rest on (a reversal of a purchase it posts, the original of a reversal it takes as a tombstone,
+another correction of an original it corrects) and runs again when one appeared (:class:`JournalRaced`). A
+reversal locks its provider's payable as the purchase does, so the one that commits second sees the other.
+
 On SQLite the whole batch (BEGIN IMMEDIATE … COMMIT) runs on the raw ``sqlite3``
 connection inside the aiosqlite thread — one thread hop per batch; on PostgreSQL it
 runs through SQLAlchemy with asyncpg, loads as ``= ANY($1)`` and writes as one
