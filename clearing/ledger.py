@@ -1474,6 +1474,7 @@ class GroupCommitWriter:
                 continue
             except (*retryable, JournalRaced) as exc:  # unique race/deadlock/busy/journal moved: reload, retry
                 self.stats.retries += 1
+                metrics.BATCH_RETRIES.labels(reason=_retry_reason(exc)).inc()
                 if attempt == BATCH_RETRIES - 1:
                     raise
                 log.info("ledger batch retry %d after %s", attempt + 1, type(getattr(exc, "orig", exc)).__name__)
@@ -1488,6 +1489,14 @@ class GroupCommitWriter:
                                        and r.row.get("transfer_id"))
             return results
         raise LedgerError("unreachable")
+
+
+def _retry_reason(exc: BaseException) -> str:
+    """The metric label of a batch retry: ``journal_raced`` or the database error's class (a bounded set:
+    ``UniqueViolationError``, ``DeadlockDetectedError``, ``OperationalError`` …)."""
+    if isinstance(exc, JournalRaced):
+        return "journal_raced"
+    return type(getattr(exc, "orig", None) or exc).__name__
 
 
 def _retryable_errors(postgresql: bool = True) -> tuple[type[BaseException], ...]:

@@ -34,5 +34,8 @@ SUSPECTED_FORGERY = _counter("carepay_clearing_suspected_forgery",
                              "Card cryptograms that failed verification or were replayed (59)", ("reason",))
 PIPELINE_REDONE = _counter("carepay_ledger_pipeline_redone", "PostgreSQL ledger batches built on the batch before "
                            "them whose assumptions did not hold, run again plainly", ())
+BATCH_RETRIES = _counter("carepay_ledger_batch_retries", "Ledger batches rolled back and run again, by cause: "
+                         "journal_raced (another worker committed a row the batch's decisions rest on), or the "
+                         "database error (a unique-key race between workers, a deadlock, a busy database)", ("reason",))
 BATCH_SIZE = _histogram("carepay_group_commit_batch_size", "Requests posted per group-commit database transaction",
                         BATCH_BUCKETS)

@@ -12,6 +12,7 @@ import dataclasses
 from collections.abc import AsyncIterator
 
 import pytest
+from prometheus_client import REGISTRY
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncTransaction
 
@@ -26,6 +27,7 @@ from tests.clearing.test_ledger_pipeline import HOLD_KEY_SQL, wait_for
 
 pytestmark = pytest.mark.pg
 CARDS_Y = "6218880000000199990"
+RETRIES = "carepay_ledger_batch_retries_total"
 
 
 @pytest.fixture
@@ -107,6 +109,7 @@ async def test_a_tombstone_committed_while_the_purchase_waits_declines_it(pg: As
     takes P's reversal as a tombstone (P not received) and commits. A's recheck under its locks finds the
     tombstone: P is not posted ("reversed before it arrived") — as the terminal was told — and no money moves."""
     p = req(1, 300)
+    raced = REGISTRY.get_sample_value(RETRIES, {"reason": "journal_raced"}) or 0.0
     async with GroupCommitWriter(pg, max_batch=1, window_ms=1, pipeline=False) as a, \
             GroupCommitWriter(pg, max_batch=1, window_ms=1, pipeline=False) as b, holding(pg) as (holder, trans):
         await hold_row_lock(holder, card_account(CARD, "voucher"))
@@ -118,6 +121,7 @@ async def test_a_tombstone_committed_while_the_purchase_waits_declines_it(pg: As
         ra = await fa
     assert ra.row["response_code"] == "12" and ra.row["status"] == "REVERSED"
     assert a.stats.retries == 1
+    assert REGISTRY.get_sample_value(RETRIES, {"reason": "journal_raced"}) == raced + 1  # what operators see
     assert (await journal(pg, p.txn_key))["transfer_id"] is None
     async with pg.connect() as conn:
         assert await balance(conn, card_account(CARD, "voucher")) == 1_000
