@@ -19,6 +19,7 @@ import ssl
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import aiomqtt
@@ -108,6 +109,34 @@ def client_id(role: str, name: str = "") -> str:
     return f"{base}-{rand}"
 
 
+class _Client(aiomqtt.Client):
+    """aiomqtt's client, with the write-side socket registration made safe against a socket that closes first.
+
+    paho asks for the socket to be watched for writing (a publish that did not go out at once) from any thread;
+    aiomqtt 2.5 hands ``loop.add_writer(fd, …)`` to the loop with the descriptor as it was then. When the
+    connection drops before the loop runs it (a broker restart under load), the descriptor is closed and the
+    loop logs ``Exception in callback … add_writer … OSError: [Errno 9] Bad file descriptor`` with a traceback
+    — harmless (the read side reports the disconnect) but alarming in a terminal's or worker's log. Here the
+    loop looks at the socket when it gets there and leaves a closed one alone."""
+
+    def _on_socket_register_write(self, client: Any, userdata: Any, sock: Any) -> None:
+        def callback() -> None:  # as aiomqtt's: a failed write means the connection broke
+            try:
+                client.loop_write()
+            except Exception as exc:
+                if not self._disconnected.done():
+                    self._disconnected.set_exception(exc)
+
+        def register() -> None:
+            fd = sock.fileno()
+            if fd < 0:
+                return
+            with contextlib.suppress(OSError, ValueError):  # closed between the check and the call
+                self._loop.add_writer(fd, callback)
+
+        self._loop.call_soon_threadsafe(register)
+
+
 def make_client(
     url: str | MqttEndpoint,
     *,
@@ -128,7 +157,7 @@ def make_client(
     tls_context = None
     if ep.tls:
         tls_context = ssl.create_default_context(cafile=ca_file)
-    return aiomqtt.Client(
+    return _Client(
         ep.host,
         ep.port,
         username=username if username is not None else ep.username,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 
 import pytest
@@ -93,3 +94,29 @@ async def test_embedded_broker_binds_a_free_port_and_carries_messages() -> None:
         assert b1.url == f"mqtt://127.0.0.1:{b1.port}"
         per_rt_s = await _round_trips(b1.url, 10)
     assert per_rt_s < 0.1
+
+
+async def test_write_watch_of_a_socket_closed_meanwhile_is_dropped_quietly() -> None:
+    """paho asks (from any thread) for its socket to be watched for writing; the connection drops before the
+    loop gets to it (a broker restart under load). Nothing is logged — aiomqtt 2.5's own handler made the loop
+    log "Exception in callback … add_writer … Bad file descriptor" with a traceback in every terminal's log.
+    An open socket is still watched."""
+    loop = asyncio.get_running_loop()
+    errors: list[dict] = []
+    previous = loop.get_exception_handler()
+    loop.set_exception_handler(lambda _loop, ctx: errors.append(ctx))
+    try:
+        client = make_client("mqtt://127.0.0.1:1")  # never connected: only its socket callbacks are used
+        closed, peer = socket.socketpair()
+        client._on_socket_register_write(client._client, None, closed)
+        closed.close()
+        await asyncio.sleep(0.01)
+        assert errors == []
+        open_, peer2 = socket.socketpair()
+        client._on_socket_register_write(client._client, None, open_)
+        await asyncio.sleep(0.01)
+        assert loop.remove_writer(open_.fileno())  # it was being watched
+        for s in (peer, open_, peer2):
+            s.close()
+    finally:
+        loop.set_exception_handler(previous)
