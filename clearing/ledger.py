@@ -374,6 +374,10 @@ class _Prior:
     def committed(self) -> bool:
         return self.outcome.done() and self.outcome.result()
 
+    @property
+    def failed(self) -> bool:
+        return self.outcome.done() and not self.outcome.result()
+
     def end(self, committed: bool) -> None:
         self.inserted.set()
         self.before = None  # ended after the batch it was built on: nothing to carry any more
@@ -408,9 +412,7 @@ class _Flight:
         if b is None or b.ended.is_set() or not (self.purchases and b.purchases):
             return None
         p = b.prior
-        if p is None or (p.outcome.done() and not p.outcome.result()):
-            return None
-        return p
+        return None if p is None or p.failed else p
 
 
 class _Pipe:
@@ -938,6 +940,7 @@ class _Batch:
             if prior is not None:
                 await_(prior.wait_committed())
                 self._verify_prior()
+                self._recheck_journal()  # now that its locks are held
             balances = BulkWrite(self.store.dialect)
             balances.balance_deltas(self.deltas)
             self.store.bulk(balances)
@@ -958,7 +961,6 @@ class _Batch:
         for aid, dr, cr in rows:
             if by_id[aid].flags & FLAG_NO_OVERDRAFT and base[aid] != (dr, cr):
                 raise PipelineConflict(f"account {aid} moved since the batch read it")
-        self._recheck_journal()
 
     def _recheck_journal(self) -> None:
         """PostgreSQL, the batch's account locks held: the journal rows its decisions rest on are still as it read
@@ -969,12 +971,15 @@ class _Batch:
         committed before this check, and is seen here, or waits for this batch's commit and sees it in its own
         check. Seen: :class:`JournalRaced` — the batch is rolled back and run again on what committed.
         SQLite needs none of it: its batch reads inside the one write lock."""
-        mine = {r["txn_key"] for r in self.new_rows}
         posted = [r["txn_key"] for r in self.new_rows if r["txn_type"] in DEBIT_TYPES and r.get("transfer_id")]
         if not (posted or self.made_tombstones or self.orig_rrns):
             return
-        for kind, key in self.store.select(_PG_RECHECK, [(posted, "text"), (self.made_tombstones, "text"),
-                                                          (self.orig_rrns, "text")]):
+        found = self.store.select(_PG_RECHECK, [(posted, "text"), (self.made_tombstones, "text"),
+                                                (self.orig_rrns, "text")])
+        if not found:
+            return
+        mine = {r["txn_key"] for r in self.new_rows}  # its own rows (a pipelined batch checks after writing them)
+        for kind, key in found:
             if key in mine or (kind == "c" and key in self.corrections_seen):
                 continue
             raise JournalRaced({"r": "a reversal of a purchase in the batch", "t": "the original of a tombstone",
@@ -1474,10 +1479,11 @@ class GroupCommitWriter:
                 continue
             except (*retryable, JournalRaced) as exc:  # unique race/deadlock/busy/journal moved: reload, retry
                 self.stats.retries += 1
-                metrics.BATCH_RETRIES.labels(reason=_retry_reason(exc)).inc()
+                reason = _retry_reason(exc)
+                metrics.BATCH_RETRIES.labels(reason=reason).inc()
                 if attempt == BATCH_RETRIES - 1:
                     raise
-                log.info("ledger batch retry %d after %s", attempt + 1, type(getattr(exc, "orig", exc)).__name__)
+                log.info("ledger batch retry %d after %s", attempt + 1, reason)
                 await asyncio.sleep(0.001 * (attempt + 1))
                 continue
             self.stats.seconds_in_db += _time.perf_counter() - t0

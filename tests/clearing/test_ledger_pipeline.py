@@ -159,9 +159,11 @@ async def test_only_purchase_batches_build_on_a_batch_in_flight() -> None:
     """Voids, refunds and reversals read originals and tombstones a batch in flight has not committed: a batch
     holding one, or following one, waits for the batch before it to end and runs plainly; so does any batch
     after one that has ended, or whose state failed."""
-    from clearing.ledger import _Flight
+    from clearing.ledger import _Flight, _Prior
 
     class Published:  # the part of _Prior that builds_on reads
+        failed = _Prior.failed
+
         def __init__(self) -> None:
             self.outcome = asyncio.get_running_loop().create_future()
 

@@ -66,6 +66,16 @@ def void(purchase: TxnOutcome, n: int) -> TxnRequest:
 
 
 @contextlib.asynccontextmanager
+async def two_workers(pg: AsyncEngine, pipeline: bool = False
+                      ) -> AsyncIterator[tuple[GroupCommitWriter, GroupCommitWriter, AsyncConnection, AsyncTransaction]]:
+    """Two writers on the schema as two workers (batches of one), and the test's holding transaction (:func:`holding`,
+    left first: the writers then drain)."""
+    async with GroupCommitWriter(pg, max_batch=1, window_ms=1, pipeline=pipeline) as a, \
+            GroupCommitWriter(pg, max_batch=1, window_ms=1, pipeline=pipeline) as b, holding(pg) as (holder, trans):
+        yield a, b, holder, trans
+
+
+@contextlib.asynccontextmanager
 async def holding(pg: AsyncEngine) -> AsyncIterator[tuple[AsyncConnection, AsyncTransaction]]:
     """A transaction of the test's that holds a row lock or a key; rolled back on the way out if the test did
     not (a failed assertion must not leave the writers draining batches that wait on it forever)."""
@@ -110,8 +120,7 @@ async def test_a_tombstone_committed_while_the_purchase_waits_declines_it(pg: As
     tombstone: P is not posted ("reversed before it arrived") — as the terminal was told — and no money moves."""
     p = req(1, 300)
     raced = REGISTRY.get_sample_value(RETRIES, {"reason": "journal_raced"}) or 0.0
-    async with GroupCommitWriter(pg, max_batch=1, window_ms=1, pipeline=False) as a, \
-            GroupCommitWriter(pg, max_batch=1, window_ms=1, pipeline=False) as b, holding(pg) as (holder, trans):
+    async with two_workers(pg) as (a, b, holder, trans):
         await hold_row_lock(holder, card_account(CARD, "voucher"))
         fa = asyncio.ensure_future(a.submit(p))
         await until_waiting(pg, 1, "the purchase to wait for the card's lock")
@@ -134,8 +143,7 @@ async def test_a_pipelined_purchase_and_its_reversal_on_another_worker_agree(pg:
     money — never P posted beside a tombstone (the terminal reversed it, the host would keep it)."""
     await fund(pg, 500, CARDS_Y)
     first, p = req(5, 100, card=CARDS_Y), req(1, 300)
-    async with GroupCommitWriter(pg, max_batch=1, window_ms=1) as a, \
-            GroupCommitWriter(pg, max_batch=1, window_ms=1) as b, holding(pg) as (holder, trans):
+    async with two_workers(pg, pipeline=True) as (a, b, holder, trans):
         await holder.execute(text(HOLD_KEY_SQL), {"k": first.txn_key, "h": "z" * 64, "t": NOW})
         f_first = asyncio.ensure_future(a.submit(first))
         fa = asyncio.ensure_future(a.submit(p))
@@ -160,8 +168,7 @@ async def test_a_reversal_waits_for_the_purchase_it_would_take_as_missing(pg: As
     provider's lock A holds — would commit a tombstone while A then commits P. It waits; once P committed its
     recheck finds P, it runs again and reverses P for real: the money goes back, P is REVERSED."""
     p = req(1, 300)
-    async with GroupCommitWriter(pg, max_batch=1, window_ms=1, pipeline=False) as a, \
-            GroupCommitWriter(pg, max_batch=1, window_ms=1, pipeline=False) as b, holding(pg) as (holder, trans):
+    async with two_workers(pg) as (a, b, holder, trans):
         await holder.execute(text(HOLD_KEY_SQL), {"k": p.txn_key, "h": "z" * 64, "t": NOW})
         fa = asyncio.ensure_future(a.submit(p))
         await until_waiting(pg, 1, "the purchase's insert to wait on the held key")
@@ -185,8 +192,7 @@ async def test_a_void_and_a_reversal_of_one_purchase_return_its_money_once(pg: A
         p_req = req(1, 300)
         p = await w.submit(p_req)
     assert p.approved
-    async with GroupCommitWriter(pg, max_batch=1, window_ms=1, pipeline=False) as a, \
-            GroupCommitWriter(pg, max_batch=1, window_ms=1, pipeline=False) as b, holding(pg) as (holder, trans):
+    async with two_workers(pg) as (a, b, holder, trans):
         await hold_row_lock(holder, card_account(CARD, "voucher"))
         fa = asyncio.ensure_future(a.submit(void(p, 3)))
         await until_waiting(pg, 1, "the void to wait for the card's lock")
