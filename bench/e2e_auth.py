@@ -17,14 +17,14 @@ sends one request at a time, in order (as a real POS does).
 
 The fleet is large enough (default 800 terminals, quick 400) that a closed loop measures what the
 system under test sustains, not how long one round trip takes: the table's ``sut cores`` column shows
-the CPU the system under test used during each run. With a small fleet a group-committing system runs
-in convoys — every terminal's request lands in one batch, the batch's answers go out together, and
-each stage (generator, broker, worker, ledger) works through the whole convoy while the next one is
-idle — so the closed-loop rate is one over the sum of the stages' CPU per request, not the slowest
-stage's capacity. Measured here (quick runs, same machine): the echo is saturated at any fleet size
-(6,400–6,800/s at 100, 300 and 500 terminals, its responder at ~1 core), the clearing worker is not at
-100 terminals (3,400/s with its process ~0.74 core busy) and is at 300–500 (5,200/s, ~1 core: the
-in-process worker's interpreter lock). ``--terminals 100`` reproduces the convoy figure.
+the CPU the system under test used during each run. With a small fleet a group-committing system tends
+to run in convoys — most terminals' requests land in one batch, its answers go out together, and each
+stage (generator, broker, worker, ledger) works through the convoy while the next waits — so the closed
+loop is bound by the round trip rather than by the slowest stage. Measured here (quick runs, same
+machine): the echo is saturated at any fleet size (6,400–7,000/s at 100 to 800 terminals, its responder
+at 1 core); the clearing worker reaches 4,200/s at 100 terminals (0.91 core busy) and 4,900/s at 400
+(0.93 core: the in-process worker's interpreter lock; ``--ledger-process`` 5,600/s, 1.2 cores).
+``--terminals 100`` reproduces the small-fleet figure.
 
 The generator: :class:`LoadGenerator` — one process, a few MQTT connections
 (:class:`protocol.transport.LeanMqttConnection`), every terminal multiplexed, requests

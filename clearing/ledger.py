@@ -1,8 +1,9 @@
 """The group-commit ledger writer (批量提交记账): many host transactions per database transaction.
 
 Requests (:class:`TxnRequest`, prepared by the authorisation pipeline) queue up; one
-writer task takes up to :data:`GROUP_COMMIT_MAX_BATCH` of them, waiting at most
-:data:`GROUP_COMMIT_WINDOW_MS` after the first, and in ONE write transaction:
+writer task takes what queued while the batch before was written, up to :data:`GROUP_COMMIT_MAX_BATCH`
+and gathering for at most :data:`GROUP_COMMIT_WINDOW_MS` after the first (never waiting on a timer: see
+:meth:`GroupCommitWriter._collect`), and in ONE write transaction:
 
 1. loads what the batch needs set-based — existing journal rows for its keys
    (duplicates), originals of voids/refunds/reversals, reversal tombstones; then, for
@@ -96,11 +97,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("carepay.clearing.ledger")
 
 GROUP_COMMIT_WINDOW_MS = 5
-"""How long the writer waits for more requests after the first of a batch (milliseconds)."""
+"""Longest a batch keeps gathering requests after its first while every event-loop turn brings more (ms)."""
 GROUP_COMMIT_MAX_BATCH = 1_000
 """Most requests in one database transaction."""
-GROUP_COMMIT_IDLE_GAP_S = 0.0005
-"""A batch closes early when no request arrived for this long (light load: no full window of latency)."""
 BATCH_RETRIES = 5
 """Attempts for a batch that hit a unique-key race or deadlock with another worker (PostgreSQL)."""
 SQL_IN_CHUNK = 500
@@ -1305,23 +1304,26 @@ class GroupCommitWriter:
         return await fut
 
     async def _collect(self) -> list[TxnRequest]:
+        """The next batch: what is queued, and what each further event-loop turn brings — until a turn brings
+        nothing, the batch is full, or the window since its first request is over. No timed wait: what queues
+        while a batch is written makes the next one (natural batching), so a lone request is written at once
+        and the batches of a busy writer grow with the load; submitters already runnable (a read of many
+        messages) still join the batch being gathered."""
         pending, arrived = self._pending, self._arrived
         while not pending:
             arrived.clear()
             await arrived.wait()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.window_s
-        batch = [pending.popleft()]
+        batch: list[TxnRequest] = []
         while True:
             take = min(self.max_batch - len(batch), len(pending))
             batch.extend([pending.popleft() for _ in range(take)])
-            remaining = deadline - loop.time()
-            if len(batch) >= self.max_batch or remaining <= 0:
+            if len(batch) >= self.max_batch or loop.time() >= deadline:
                 break
             arrived.clear()
-            try:  # keep collecting while requests keep coming; an idle gap ends the batch early
-                await asyncio.wait_for(arrived.wait(), min(remaining, GROUP_COMMIT_IDLE_GAP_S))
-            except TimeoutError:
+            await asyncio.sleep(0)
+            if not arrived.is_set():
                 break
         return batch
 

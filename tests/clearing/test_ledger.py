@@ -17,6 +17,7 @@ from clearing.ledger import (
     IdempotencyConflict,
     InsufficientFunds,
     TransferSpec,
+    TxnOutcome,
     TxnRequest,
     post_transfers_sync,
 )
@@ -58,6 +59,27 @@ async def test_group_commit_batches_and_never_overdraws(db: AsyncEngine) -> None
     async with db.connect() as conn:
         assert await balance(conn, card_account(CARD, "voucher")) == 100
     assert len({o.row["rrn"] for o in outs}) == 100
+
+
+async def test_batches_form_from_what_queued_never_by_waiting_on_a_timer(db: AsyncEngine) -> None:
+    """Natural batching: the submitters of one event-loop turn share a batch; a lone request is written at once
+    (not after the window); requests that trickle in (timer-spaced) are not held back to fill a batch — each
+    batch takes what queued while the one before it was written."""
+    await fund(db, 1_000_000)
+    async with GroupCommitWriter(db, max_batch=100, window_ms=60_000) as w:
+        together = await asyncio.gather(*(w.submit(req(i)) for i in range(1, 11)))
+        assert all(o.approved for o in together) and (w.stats.batches, w.stats.max_batch) == (1, 10)
+
+        lone = await asyncio.wait_for(w.submit(req(11)), 10)  # a window of 60 s is a bound, not a wait
+        assert lone.approved and w.stats.batches == 2
+
+        async def trickle(n: int) -> TxnOutcome:
+            await asyncio.sleep(0.001 * (n - 11))
+            return await w.submit(req(n))
+
+        trickled = await asyncio.wait_for(asyncio.gather(*(trickle(n) for n in range(12, 32))), 10)
+        assert all(o.approved for o in trickled)
+        assert w.stats.batches > 3 and w.stats.max_batch < 20  # the first straggler did not wait for the rest
 
 
 async def test_writer_replays_duplicates_and_names_conflicts(db: AsyncEngine) -> None:
