@@ -377,6 +377,16 @@ class _Prior:
     def failed(self) -> bool:
         return self.outcome.done() and not self.outcome.result()
 
+    @property
+    def doomed(self) -> bool:
+        """It failed, or a state it was built on failed — then it fails too, at its commit point."""
+        p: _Prior | None = self
+        while p is not None and not p.committed:
+            if p.failed:
+                return True
+            p = p.before
+        return False
+
     def end(self, committed: bool) -> None:
         self.inserted.set()
         self.before = None  # ended after the batch it was built on: nothing to carry any more
@@ -406,12 +416,14 @@ class _Flight:
 
     def builds_on(self) -> _Prior | None:
         """The state to build on: the batch before, when it is still in flight and both are purchases and
-        advices only (voids, refunds and reversals read originals and tombstones — they run plainly)."""
+        advices only (voids, refunds and reversals read originals and tombstones — they run plainly), and
+        nothing it stands on has failed. A batch built on a failed state fails too; building the next one on
+        it would doom that one as well, and under steady traffic every batch after the first conflict."""
         b = self.before
         if b is None or b.ended.is_set() or not (self.purchases and b.purchases):
             return None
         p = b.prior
-        return None if p is None or p.failed else p
+        return None if p is None or p.doomed else p
 
 
 class _Pipe:

@@ -140,6 +140,43 @@ async def test_a_balance_moved_meanwhile_makes_the_batch_run_again(pg: AsyncEngi
 
 
 @pytest.mark.pg
+async def test_after_a_conflict_the_pipeline_builds_on_sound_batches_again(pg: AsyncEngine) -> None:
+    """One batch that has to run again (B: its card moved elsewhere meanwhile) dooms the batches already built
+    on it, but no more: a batch that starts once a state below it has failed runs plainly, and the batches after
+    it are pipelined on sound states again. (It used to build on the newest batch in flight whatever that stood
+    on, so under steady traffic every later batch was built on one bound to fail and ran twice — for good.)"""
+    y = CARDS[1]
+    for c in CARDS[:6]:
+        await fund(pg, 1_000, c)
+    async with a_held_while_b_builds_on_it(pg, req(1, 600, card=y), req(2, 300, card=X)) as (w, fa, fb, held):
+        stop = asyncio.Event()
+        outs: list[asyncio.Future] = []
+
+        async def traffic() -> None:  # arrivals on their own clock, answered or not (terminals do not wait on
+            n = 10_000                # each other): a new batch starts as soon as the one before it applied
+            while not stop.is_set():
+                n += 1
+                outs.append(asyncio.ensure_future(w.submit(req(n, 1, card=CARDS[2 + n % 4], terminal="T0000002"))))
+                await asyncio.sleep(0.002)
+
+        feeding = asyncio.create_task(traffic())
+        try:
+            await wait_for(lambda: len(w._flights) >= 4, "batches built on B")
+            async with write_transaction(pg) as conn:  # elsewhere: 800 fen leave card X — B's check will fail
+                await conn.run_sync(post_transfers_sync, [TransferSpec(card_account(X, "voucher"), "suspense", 800,
+                                                                       "correction", "elsewhere:1")])
+            await held.rollback()  # A commits; B and what was built on it run again
+            assert (await fa).approved and (await fb).row["response_code"] == "51"
+            pipelined = w.stats.pipelined
+            await wait_for(lambda: w.stats.pipelined - pipelined >= 30, "pipelined batches to commit again", 20)
+        finally:
+            stop.set()
+            await feeding
+        assert all(o.approved for o in await asyncio.gather(*outs))
+    assert w.stats.redone < len(outs) / 2  # the batches doomed when B failed ran twice, not all that came after
+
+
+@pytest.mark.pg
 async def test_a_failed_batch_before_makes_the_next_run_again(pg: AsyncEngine) -> None:
     """A is held in flight and then fails (its key was taken by a different request meanwhile); B had decided
     on A's result (400 left) — it runs again plainly on what committed: A posted nothing, B is approved from 1,000."""
@@ -162,10 +199,11 @@ async def test_only_purchase_batches_build_on_a_batch_in_flight() -> None:
     from clearing.ledger import _Flight, _Prior
 
     class Published:  # the part of _Prior that builds_on reads
-        failed = _Prior.failed
+        failed, committed, doomed = _Prior.failed, _Prior.committed, _Prior.doomed
 
         def __init__(self) -> None:
             self.outcome = asyncio.get_running_loop().create_future()
+            self.before: Published | None = None
 
     def flight(*types: str, before: _Flight | None = None, published: bool = True) -> _Flight:
         reqs = [req(n) for n in range(1, len(types) + 1)]
@@ -185,6 +223,13 @@ async def test_only_purchase_batches_build_on_a_batch_in_flight() -> None:
     failed = flight("PURCHASE")
     failed.prior.outcome.set_result(False)
     assert flight("PURCHASE", before=failed).builds_on() is None
+    on_failed = flight("PURCHASE", before=failed)  # applied on the failed state before its failure was known
+    on_failed.prior.before = failed.prior
+    assert flight("PURCHASE", before=on_failed).builds_on() is None  # doomed with it: not a base to build on
+    on_committed = flight("PURCHASE")
+    on_committed.prior.before = flight("PURCHASE").prior
+    on_committed.prior.before.outcome.set_result(True)
+    assert flight("PURCHASE", before=on_committed).builds_on() is on_committed.prior
     ended = flight("PURCHASE")
     ended.ended.set()
     assert flight("PURCHASE", before=ended).builds_on() is None
