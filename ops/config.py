@@ -49,7 +49,7 @@ class ClearingSettings(BaseModel):
 
     cutoff_local_time: time = time(23, 0)
     timezone: str = "Asia/Shanghai"
-    group_commit_window_ms: int = 5
+    group_commit_window_ms: int = 5  # bound on gathering a ledger batch (never a wait: see clearing.ledger)
     group_commit_max_batch: int = 1000
     message_max_age_s: int = 300
     fee_rate_ppm: int = 6_000  # 0.6 % processing fee, borne by the issuing bank
