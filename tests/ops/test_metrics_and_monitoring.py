@@ -16,8 +16,11 @@ METRIC_RE = re.compile(r"\b(carepay_[a-z_]+?)(?:_bucket|_total|_count|_sum)?\b")
 
 
 def _defined_metric_names() -> set[str]:
-    import clearing.metrics  # noqa: F401  (their metrics join the same registry)
-    import clearing.pipeline.metrics  # noqa: F401  (the ledger's own; imported here, not only by other tests)
+    import importlib
+
+    # every module that defines metrics, imported here (not left to other tests): they join the same registry
+    for module in ("clearing.metrics", "clearing.pipeline.metrics"):
+        importlib.import_module(module)
 
     return {family.name for family in metrics.REGISTRY.collect()}
 
