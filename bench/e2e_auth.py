@@ -431,7 +431,7 @@ def cpu_fields(prefix: str, r: Result) -> dict[str, Any]:
     """CPU µs per completed request of the closed-loop run: generator, system under test, broker."""
     return {**{f"{prefix}_cpu_us_{who}": v for who in ("gen", "sut", "sut_main", "broker")
                if (v := r.cpu_us_per_ok(who)) is not None},
-            **({f"{prefix}_sut_cores": r.sut_cores} if r.sut_cores is not None else {})}
+            **({f"{prefix}_sut_cores": cores} if (cores := r.sut_cores) is not None else {})}
 
 
 def table(rows: list[Result]) -> str:
@@ -440,9 +440,9 @@ def table(rows: list[Result]) -> str:
     lines = [head, "-" * len(head)]
     for r in rows:
         offered = f"{r.offered_per_s:.0f}" if r.offered_per_s else "max"
+        cores = r.sut_cores
         lines.append(f"{r.name:<8} {r.mode:<7} {offered:>9} {r.per_s:>9.0f} {r.ok:>7} {r.failed:>6} {r.missed:>6} "
-                     f"{r.pct(0.50):>8.2f} {r.pct(0.99):>8.2f} "
-                     f"{r.sut_cores if r.sut_cores is not None else '-':>9}")
+                     f"{r.pct(0.50):>8.2f} {r.pct(0.99):>8.2f} {cores if cores is not None else '-':>9}")
     return "\n".join(lines)
 
 

@@ -380,12 +380,7 @@ class _Prior:
     @property
     def doomed(self) -> bool:
         """It failed, or a state it was built on failed — then it fails too, at its commit point."""
-        p: _Prior | None = self
-        while p is not None and not p.committed:
-            if p.failed:
-                return True
-            p = p.before
-        return False
+        return any(p.failed for p in self.chain())
 
     def end(self, committed: bool) -> None:
         self.inserted.set()

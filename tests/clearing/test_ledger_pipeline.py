@@ -199,7 +199,7 @@ async def test_only_purchase_batches_build_on_a_batch_in_flight() -> None:
     from clearing.ledger import _Flight, _Prior
 
     class Published:  # the part of _Prior that builds_on reads
-        failed, committed, doomed = _Prior.failed, _Prior.committed, _Prior.doomed
+        failed, committed, doomed, chain = _Prior.failed, _Prior.committed, _Prior.doomed, _Prior.chain
 
         def __init__(self) -> None:
             self.outcome = asyncio.get_running_loop().create_future()
